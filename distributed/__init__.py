@@ -1,0 +1,1 @@
+"""NeuroOptima across data-parallel ranks (installed as ``neurooptima.distributed``)."""

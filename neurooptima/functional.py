@@ -1,0 +1,184 @@
+"""Pure update kernels: the one place where NeuroOptima's update equations live.
+
+Every kernel takes lists of tensors (parameters, the gradients used for the update and the
+rule's buffers) plus plain hyperparameters, and updates parameters and buffers in place. The
+single-process optimizer, the sharded optimizer and the DeepSpeed adapter all call these same
+functions; a backend never re-derives an equation.
+
+Each rule has a for-loop kernel and a multi-tensor (``torch._foreach_*``) kernel that performs
+the same operations in the same order, so both give bitwise-equal results.
+
+``steps`` holds each parameter's 1-based update count ``k``; bias corrections are per tensor,
+as in ``torch.optim.adamw``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["adan", "lion", "lion_adan", "UPDATE_RULES", "RULE_BUFFERS", "DEFAULT_BETAS"]
+
+# Buffers each rule keeps per parameter, in the order the kernels take them.
+RULE_BUFFERS: dict[str, tuple[str, ...]] = {
+    "adan": ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad"),
+    "lion": ("exp_avg",),
+    "lion_adan": ("exp_avg", "exp_avg_diff", "prev_grad"),
+}
+UPDATE_RULES = tuple(RULE_BUFFERS)
+
+# Official defaults: sail-sg/Adan (b1, b2, b3); google/automl Lion (b1, b2); the hybrid takes
+# Adan's first two.
+DEFAULT_BETAS: dict[str, tuple[float, ...]] = {
+    "adan": (0.98, 0.92, 0.99),
+    "lion": (0.9, 0.99),
+    "lion_adan": (0.98, 0.92),
+}
+
+
+def _bias_corrections(beta: float, steps: Sequence[int]) -> list[float]:
+    return [1.0 - beta**k for k in steps]
+
+
+# --------------------------------------------------------------------------------------------
+# Adan (Xie et al., arXiv 2208.06677; official sail-sg implementation)
+# --------------------------------------------------------------------------------------------
+
+
+def _adan_for_loop(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, *,
+                   lr, betas, eps, weight_decay, no_prox):
+    beta1, beta2, beta3 = betas
+    for p, g, m, v, n, g_prev, k in zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs,
+                                          prev_grads, steps):
+        d = g - g_prev
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).add_(d, alpha=1 - beta2)
+        u = g + beta2 * d
+        n.mul_(beta3).addcmul_(u, u, value=1 - beta3)
+        denom = n.sqrt().div_(math.sqrt(1 - beta3**k)).add_(eps)
+        update = (m / (1 - beta1**k)).add_((beta2 * v).div_(1 - beta2**k)).div_(denom)
+        if no_prox:
+            p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
+        else:
+            p.add_(update, alpha=-lr).div_(1 + lr * weight_decay)
+        g_prev.copy_(g)
+
+
+def _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, *,
+                  lr, betas, eps, weight_decay, no_prox):
+    beta1, beta2, beta3 = betas
+    d = torch._foreach_sub(grads, prev_grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
+    u = torch._foreach_mul(d, beta2)
+    torch._foreach_add_(u, grads, alpha=1)  # g + b2 d, same rounding as the loop's g + b2*d
+    torch._foreach_mul_(exp_avg_sqs, beta3)
+    torch._foreach_addcmul_(exp_avg_sqs, u, u, value=1 - beta3)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [math.sqrt(bc) for bc in _bias_corrections(beta3, steps)])
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
+    diff_term = torch._foreach_mul(exp_avg_diffs, beta2)
+    torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
+    torch._foreach_add_(update, diff_term)
+    torch._foreach_div_(update, denom)
+    if no_prox:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_add_(params, update, alpha=-lr)
+    else:
+        torch._foreach_add_(params, update, alpha=-lr)
+        torch._foreach_div_(params, 1 + lr * weight_decay)
+    torch._foreach_copy_(prev_grads, grads)
+
+
+def adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+         exp_avg_diffs: list[Tensor], exp_avg_sqs: list[Tensor], prev_grads: list[Tensor],
+         steps: Sequence[int], *, lr: float, betas: tuple[float, float, float], eps: float,
+         weight_decay: float, no_prox: bool = False, foreach: bool = False) -> None:
+    """One Adan update. ``prev_grads`` must hold the first gradient at ``k = 1``."""
+    fn = _adan_foreach if foreach else _adan_for_loop
+    fn(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, lr=lr,
+       betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox)
+
+
+# --------------------------------------------------------------------------------------------
+# Lion (Chen et al., arXiv 2302.06675; official google/automl implementation)
+# --------------------------------------------------------------------------------------------
+
+
+def _lion_for_loop(params, grads, exp_avgs, *, lr, betas, weight_decay):
+    beta1, beta2 = betas
+    for p, g, m in zip(params, grads, exp_avgs):
+        p.mul_(1 - lr * weight_decay)
+        c = (m * beta1).add_(g, alpha=1 - beta1)
+        p.add_(c.sign_(), alpha=-lr)
+        m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+def _lion_foreach(params, grads, exp_avgs, *, lr, betas, weight_decay):
+    beta1, beta2 = betas
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    c = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(c, grads, alpha=1 - beta1)
+    torch._foreach_sign_(c)
+    torch._foreach_add_(params, c, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+
+
+def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+         betas: tuple[float, float], weight_decay: float, foreach: bool = False) -> None:
+    """One Lion update (decoupled weight decay, sign of the interpolated momentum)."""
+    fn = _lion_foreach if foreach else _lion_for_loop
+    fn(params, grads, exp_avgs, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# Lion-Adan hybrid: Lion's sign step on Adan's bias-corrected Nesterov momentum
+# --------------------------------------------------------------------------------------------
+
+
+def _lion_adan_for_loop(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, *, lr, betas,
+                        weight_decay):
+    beta1, beta2 = betas
+    for p, g, m, v, g_prev, k in zip(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps):
+        d = g - g_prev
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).add_(d, alpha=1 - beta2)
+        p.mul_(1 - lr * weight_decay)
+        direction = (m / (1 - beta1**k)).add_((beta2 * v).div_(1 - beta2**k))
+        p.add_(direction.sign_(), alpha=-lr)
+        g_prev.copy_(g)
+
+
+def _lion_adan_foreach(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, *, lr, betas,
+                       weight_decay):
+    beta1, beta2 = betas
+    d = torch._foreach_sub(grads, prev_grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
+    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    direction = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
+    diff_term = torch._foreach_mul(exp_avg_diffs, beta2)
+    torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
+    torch._foreach_add_(direction, diff_term)
+    torch._foreach_sign_(direction)
+    torch._foreach_add_(params, direction, alpha=-lr)
+    torch._foreach_copy_(prev_grads, grads)
+
+
+def lion_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+              exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], steps: Sequence[int], *,
+              lr: float, betas: tuple[float, float], weight_decay: float,
+              foreach: bool = False) -> None:
+    """One Lion-Adan update. ``prev_grads`` must hold the first gradient at ``k = 1``."""
+    fn = _lion_adan_foreach if foreach else _lion_adan_for_loop
+    fn(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, lr=lr, betas=betas,
+       weight_decay=weight_decay)

@@ -1,0 +1,302 @@
+"""``NeuroOptima``: Adan / Lion / Lion-Adan updates with optional SAM (or ASAM) and Lookahead.
+
+The class is a thin ``torch.optim.Optimizer`` around the pure functions in ``functional``,
+``sam``, ``lookahead`` and ``norms``; it only gathers tensors, keeps state and orders the phases
+of a step:
+
+    first pass (closure)  ->  global norm  ->  perturb to w + e          (SAM on)
+    second pass (closure) ->  restore w    ->  check / clip  ->  update  ->  Lookahead sync
+
+Per-parameter state keys are namespaced: ``step`` (tensor counter of applied updates),
+``adan.exp_avg`` ... (the rule's buffers, see ``functional.RULE_BUFFERS``), ``lookahead.slow``
+(created with the parameter, a copy of its initial value) and ``sam.origin`` (only between the
+two SAM passes). Each param group counts the steps it skipped for non-finite gradients in
+``skipped_steps``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+
+from . import functional as F
+from .lookahead import lookahead_sync_
+from .norms import local_norm_stats, norm_from_stats
+from .sam import norm_terms, perturb_
+from .validation import check_group
+
+__all__ = ["NeuroOptima"]
+
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); so do we.
+CLIP_EPS = 1e-6
+
+_SAM_ORIGIN = "sam.origin"
+_SLOW = "lookahead.slow"
+
+
+class NeuroOptima(Optimizer):
+    r"""Adan, Lion or Lion-Adan with SAM/ASAM and Lookahead, each exactly as published.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (>= 0).
+        weight_decay: decay (>= 0); Adan applies it proximally ``w / (1 + lr wd)`` unless
+            ``no_prox=True`` (then ``w * (1 - lr wd)`` first); Lion rules apply it decoupled.
+        sam_rho: SAM radius (>= 0); 0 disables SAM and its second gradient evaluation.
+        lookahead_k: sync period (integer >= 0); 0 or None disables Lookahead.
+        lookahead_alpha: slow-weight step in (0, 1].
+        betas: None for the rule's official defaults; for ``adan`` a 2-tuple means
+            (first moment, second moment) with ``beta_diff`` for the difference, a 3-tuple is
+            (first moment, difference, second moment); Lion rules take a 2-tuple.
+        eps: Adan denominator term (>= 0).
+        update: ``"adan"`` (default), ``"lion"`` or ``"lion_adan"``.
+        beta_diff: Adan's gradient-difference decay used with a 2-tuple ``betas``.
+        no_prox: Adan weight decay as multiplication before the step instead of proximal.
+        sam_adaptive: ASAM instead of SAM.
+        sam_eta: ASAM's ``eta`` in ``T_w = |w| + eta``.
+        max_grad_norm: clip the update gradient to this global L2 norm (None: no clipping).
+        maximize: maximize the objective.
+        foreach: multi-tensor kernels; None picks them where torch does (accelerators).
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 weight_decay: float = 0.0, sam_rho: float = 0.05, lookahead_k: int | None = 5,
+                 lookahead_alpha: float = 0.5, betas: tuple[float, ...] | None = None,
+                 eps: float = 1e-8, *, update: str = "adan", beta_diff: float = 0.92,
+                 no_prox: bool = False, sam_adaptive: bool = False, sam_eta: float = 0.01,
+                 max_grad_norm: float | None = None, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
+        defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
+                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
+                        eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
+                        sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
+                        maximize=maximize, foreach=foreach)
+        # Check the defaults once up front so an empty or odd params list still reports them.
+        check_group(dict(defaults))
+        self._sam_phase: str | None = None  # None, "perturbed" or "skipped" between passes
+        self.in_second_pass = False
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- groups and state
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_group(group)
+        group.setdefault("skipped_steps", 0)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError("NeuroOptima does not support complex parameters; optimize "
+                                 "torch.view_as_real(p) instead")
+        self._init_lookahead(group)
+
+    @torch.no_grad()
+    def _init_lookahead(self, group: dict[str, Any]) -> None:
+        # Slow weights are the initial weights, created now (not lazily at the first sync).
+        if group["lookahead_k"] > 0:
+            for p in group["params"]:
+                if _SLOW not in self.state[p]:
+                    self.state[p][_SLOW] = p.detach().clone()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_sam_phase", None)
+        self.__dict__.setdefault("in_second_pass", False)
+
+    @property
+    def sam_enabled(self) -> bool:
+        return any(group["sam_rho"] > 0 for group in self.param_groups)
+
+    def _grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters that have gradients, and the gradients the math should see."""
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("NeuroOptima does not support sparse gradients; use a dense "
+                                   "embedding (sparse=False) or torch.optim.SparseAdam")
+            params.append(p)
+            grads.append(p.grad)
+        if group["maximize"]:
+            grads = list(torch._foreach_neg(grads)) if grads else grads
+        return params, grads
+
+    def _reduce_norm_stats(self, stats: Tensor) -> Tensor:
+        """Sum packed norm statistics over every holder of the tensors (here: one process).
+
+        Distributed backends override this with one all-reduce.
+        """
+        return stats
+
+    def _global_norm(self, tensors: list[Tensor]) -> tuple[float, bool]:
+        return norm_from_stats(self._reduce_norm_stats(local_norm_stats(tensors)))
+
+    # ---------------------------------------------------------------- SAM phases
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """SAM's first phase: move each parameter to ``w + e`` using the current gradients.
+
+        Call after the first backward; then zero the gradients, run the second forward and
+        backward, and call ``second_step()`` (or ``step()``). Non-finite gradients skip the
+        perturbation, and the second pass then runs at ``w``.
+        """
+        if self._sam_phase is not None:
+            raise RuntimeError("first_step() was called twice; call second_step() in between")
+        per_group = [self._grads(group) for group in self.param_groups]
+        terms: list[Tensor] = []
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            terms += norm_terms(params, grads, adaptive=group["sam_adaptive"],
+                                eta=group["sam_eta"])
+        norm, finite = self._global_norm(terms)
+        self.in_second_pass = True
+        if not finite:
+            self._sam_phase = "skipped"
+            return
+        self._sam_phase = "perturbed"
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if group["sam_rho"] == 0:
+                continue
+            for p in params:
+                self.state[p][_SAM_ORIGIN] = p.detach().clone()
+            perturb_(params, grads, rho=group["sam_rho"], norm=norm,
+                     adaptive=group["sam_adaptive"], eta=group["sam_eta"])
+
+    def second_step(self) -> None:
+        """SAM's second phase: restore ``w`` and apply the update with the current gradients."""
+        if self._sam_phase is None:
+            raise RuntimeError("second_step() needs a preceding first_step()")
+        self.step()
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                origin = self.state[p].pop(_SAM_ORIGIN, None) if p in self.state else None
+                if origin is not None:
+                    p.copy_(origin)
+        self._sam_phase = None
+        self.in_second_pass = False
+
+    # ---------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One optimization step; returns the closure's (first-pass) loss.
+
+        With SAM on, ``closure`` must zero the gradients, compute the loss, call backward and
+        return the loss; it is called twice. Without a closure, ``step()`` completes a step
+        begun with ``first_step()``, or (SAM off) applies the update to the current gradients.
+        """
+        if self._sam_phase is not None:
+            if closure is not None:
+                raise ValueError("step(closure) called between first_step() and second_step(); "
+                                 "call second_step() (or step() without a closure) first")
+            self._restore()
+            self._update()
+            return None
+        if self.sam_enabled:
+            if closure is None:
+                raise ValueError(
+                    "SAM (sam_rho > 0) evaluates the gradient twice per step: pass "
+                    "step(closure) with a closure that zeroes the gradients, runs forward and "
+                    "backward and returns the loss; or call first_step() after the first "
+                    "backward and second_step() after the second; or set sam_rho=0")
+            with torch.enable_grad():
+                loss = closure()
+            self.first_step()
+            self.zero_grad()
+            with torch.enable_grad():
+                closure()
+            self._restore()
+            self._update()
+            return loss
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """Check, clip and apply the update rule to every parameter that has a gradient."""
+        per_group = [self._grads(group) for group in self.param_groups]
+        norm, finite = self._global_norm([g for _, grads in per_group for g in grads])
+        if not finite:
+            # Skip the whole step: no weight, buffer or counter moves.
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if not params:
+                continue
+            max_norm = group["max_grad_norm"]
+            if max_norm is not None:
+                coef = max_norm / (norm + CLIP_EPS)
+                if coef < 1.0:
+                    grads = list(torch._foreach_mul(grads, coef))
+            self._apply_rule(group, params, grads)
+            self._lookahead(group, params)
+
+    def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        if group["foreach"] is None:
+            _, foreach = _default_to_fused_or_foreach(params, differentiable=False,
+                                                      use_fused=False)
+            return foreach
+        return group["foreach"]
+
+    def _apply_rule(self, group: dict[str, Any], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        rule = group["update"]
+        names = [f"{rule}.{b}" for b in F.RULE_BUFFERS[rule]]
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if names[0] not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                for name in names:
+                    # Adan's difference is 0 at k = 1: the previous gradient starts as g.
+                    state[name] = (g.clone(memory_format=torch.preserve_format)
+                                   if name.endswith("prev_grad")
+                                   else torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"] += 1
+        foreach = self._use_foreach(group, params)
+        # Multi-tensor kernels need one device and dtype per call.
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            buckets[(p.device, p.dtype) if foreach else None].append(i)
+        for idx in buckets.values():
+            ps = [params[i] for i in idx]
+            gs = [grads[i] for i in idx]
+            buffers = [[self.state[p][name] for p in ps] for name in names]
+            steps = [int(self.state[p]["step"].item()) for p in ps]
+            if rule == "adan":
+                F.adan(ps, gs, *buffers, steps, lr=group["lr"], betas=group["betas"],
+                       eps=group["eps"], weight_decay=group["weight_decay"],
+                       no_prox=group["no_prox"], foreach=foreach)
+            elif rule == "lion":
+                F.lion(ps, gs, *buffers, lr=group["lr"], betas=group["betas"],
+                       weight_decay=group["weight_decay"], foreach=foreach)
+            else:
+                F.lion_adan(ps, gs, *buffers, steps, lr=group["lr"], betas=group["betas"],
+                            weight_decay=group["weight_decay"], foreach=foreach)
+
+    def _lookahead(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        k = group["lookahead_k"]
+        if k == 0:
+            return
+        due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
+        if due:
+            slow = []
+            for p in due:
+                if _SLOW not in self.state[p]:  # Lookahead switched on after construction
+                    raise RuntimeError("lookahead slow weights are missing; enable Lookahead "
+                                       "when the parameter group is created")
+                slow.append(self.state[p][_SLOW])
+            lookahead_sync_(due, slow, alpha=group["lookahead_alpha"],
+                            foreach=self._use_foreach(group, due)
+                            and len({(p.device, p.dtype) for p in due}) == 1)

@@ -1,0 +1,41 @@
+"""SAM (Foret et al., ICLR 2021) and ASAM (Kwon et al., ICML 2021) as pure functions.
+
+SAM moves the weights to ``w + e`` before the second gradient evaluation:
+
+    SAM:   e = rho * g / ||g||
+    ASAM:  e = rho * T_w^2 g / ||T_w g||,   T_w = |w| + eta   (elementwise)
+
+where the norm is global over every parameter that has a gradient. ``NORM_EPS`` keeps a zero
+gradient from dividing by zero (the reference implementations add the same 1e-12).
+
+These functions take the already-reduced global norm, so a distributed backend computes local
+statistics, all-reduces them once and then calls ``perturb_`` on the tensors it holds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NORM_EPS = 1e-12
+
+
+def norm_terms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool,
+               eta: float) -> list[Tensor]:
+    """The tensors whose global L2 norm SAM divides by: ``g`` (SAM) or ``T_w g`` (ASAM)."""
+    if not adaptive:
+        return grads
+    return [(p.abs() + eta) * g for p, g in zip(params, grads)]
+
+
+def perturb_(params: list[Tensor], grads: list[Tensor], *, rho: float, norm: float,
+             adaptive: bool, eta: float) -> None:
+    """Move ``params`` to ``w + e`` in place, given the global norm of ``norm_terms``."""
+    scale = rho / (norm + NORM_EPS)
+    for p, g in zip(params, grads):
+        if adaptive:
+            t = p.abs() + eta
+            e = t * t * g * scale
+        else:
+            e = g * scale
+        p.add_(e)

@@ -1,0 +1,84 @@
+"""Hyperparameter checks: every bad value gets a ValueError naming the argument and its range."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .functional import DEFAULT_BETAS, UPDATE_RULES
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return value
+
+
+def check_beta(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+def resolve_betas(update: str, betas: Any, beta_diff: float) -> tuple[float, ...]:
+    """The rule's betas in code order; ``None`` means the official defaults.
+
+    For ``adan`` a 2-tuple is the Adam-style pair (first moment, second moment) and the
+    gradient-difference decay comes from ``beta_diff``; a 3-tuple is sail-sg code order.
+    """
+    if betas is None:
+        return DEFAULT_BETAS[update]
+    if not isinstance(betas, (tuple, list)):
+        raise ValueError(f"betas must be a tuple of floats or None, got {betas!r}")
+    allowed = (2, 3) if update == "adan" else (2,)
+    if len(betas) not in allowed:
+        lengths = " or ".join(map(str, allowed))
+        raise ValueError(f"betas for update={update!r} must have length {lengths}, "
+                         f"got {len(betas)}: {tuple(betas)!r}")
+    betas = tuple(check_beta(f"betas[{i}]", b) for i, b in enumerate(betas))
+    if update == "adan" and len(betas) == 2:
+        betas = (betas[0], check_beta("beta_diff", beta_diff), betas[1])
+    return betas
+
+
+def check_group(group: dict) -> None:
+    """Validate one param group in place, normalising ``betas`` to the rule's code order."""
+    update = group["update"]
+    if update not in UPDATE_RULES:
+        raise ValueError(f"update must be one of {', '.join(map(repr, UPDATE_RULES))}, "
+                         f"got {update!r}")
+    for name in ("lr", "eps", "weight_decay", "sam_rho", "sam_eta"):
+        group[name] = check_non_negative(name, group[name])
+    check_beta("beta_diff", group["beta_diff"])
+    group["betas"] = resolve_betas(update, group["betas"], group["beta_diff"])
+    k = group["lookahead_k"]
+    if k is None:
+        k = 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"lookahead_k must be an integer >= 0 or None (0/None disables "
+                         f"Lookahead), got {k!r}")
+    group["lookahead_k"] = k
+    alpha = _number("lookahead_alpha", group["lookahead_alpha"])
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"lookahead_alpha must be in (0, 1], got {alpha!r}")
+    max_norm = group["max_grad_norm"]
+    if max_norm is not None:
+        max_norm = _number("max_grad_norm", max_norm)
+        if max_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_norm!r}")
+        group["max_grad_norm"] = max_norm
+    for name in ("no_prox", "sam_adaptive", "maximize"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{name} must be True or False, got {group[name]!r}")
+    if group["foreach"] not in (None, True, False):
+        raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
