@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from . import functional as F
+from .dtensor import local, local_list, mesh_norm_stats, split_for_norm
 from .lookahead import lookahead_sync_
 from .norms import local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
@@ -112,7 +113,10 @@ class NeuroOptima(Optimizer):
         return any(group["sam_rho"] > 0 for group in self.param_groups)
 
     def _grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """Parameters that have gradients, and the gradients the math should see."""
+        """Parameters that have gradients, and the gradients the math should see.
+
+        Gradients of DTensor parameters come back as their local shards (see ``dtensor``).
+        """
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -121,7 +125,7 @@ class NeuroOptima(Optimizer):
                 raise RuntimeError("NeuroOptima does not support sparse gradients; use a dense "
                                    "embedding (sparse=False) or torch.optim.SparseAdam")
             params.append(p)
-            grads.append(p.grad)
+            grads.append(local(p.grad))
         if group["maximize"]:
             grads = list(torch._foreach_neg(grads)) if grads else grads
         return params, grads
@@ -133,8 +137,19 @@ class NeuroOptima(Optimizer):
         """
         return stats
 
-    def _global_norm(self, tensors: list[Tensor]) -> tuple[float, bool]:
-        return norm_from_stats(self._reduce_norm_stats(local_norm_stats(tensors)))
+    def _global_norm(self, tensors: list[Tensor],
+                     owners: list[Tensor] | None = None) -> tuple[float, bool]:
+        """Global L2 norm of ``tensors`` and whether all are finite.
+
+        ``owners[i]`` is the parameter whose placement ``tensors[i]`` shares (default: the
+        tensor itself): DTensor contributions are summed over their mesh with one all-reduce
+        per mesh, plain ones go through ``_reduce_norm_stats``.
+        """
+        plain, sharded = split_for_norm(tensors, tensors if owners is None else owners)
+        stats = self._reduce_norm_stats(local_norm_stats(plain))
+        if sharded:
+            stats = stats.cpu() + mesh_norm_stats(sharded)
+        return norm_from_stats(stats)
 
     # ---------------------------------------------------------------- SAM phases
 
@@ -150,10 +165,12 @@ class NeuroOptima(Optimizer):
             raise RuntimeError("first_step() was called twice; call second_step() in between")
         per_group = [self._grads(group) for group in self.param_groups]
         terms: list[Tensor] = []
+        owners: list[Tensor] = []
         for group, (params, grads) in zip(self.param_groups, per_group):
-            terms += norm_terms(params, grads, adaptive=group["sam_adaptive"],
+            terms += norm_terms(local_list(params), grads, adaptive=group["sam_adaptive"],
                                 eta=group["sam_eta"])
-        norm, finite = self._global_norm(terms)
+            owners += params
+        norm, finite = self._global_norm(terms, owners)
         self.in_second_pass = True
         if not finite:
             self._sam_phase = "skipped"
@@ -164,7 +181,7 @@ class NeuroOptima(Optimizer):
                 continue
             for p in params:
                 self.state[p][_SAM_ORIGIN] = p.detach().clone()
-            perturb_(params, grads, rho=group["sam_rho"], norm=norm,
+            perturb_(local_list(params), grads, rho=group["sam_rho"], norm=norm,
                      adaptive=group["sam_adaptive"], eta=group["sam_eta"])
 
     def second_step(self) -> None:
@@ -179,7 +196,7 @@ class NeuroOptima(Optimizer):
             for p in group["params"]:
                 origin = self.state[p].pop(_SAM_ORIGIN, None) if p in self.state else None
                 if origin is not None:
-                    p.copy_(origin)
+                    local(p).copy_(local(origin))
         self._sam_phase = None
         self.in_second_pass = False
 
@@ -226,7 +243,8 @@ class NeuroOptima(Optimizer):
     def _update(self) -> None:
         """Check, clip and apply the update rule to every parameter that has a gradient."""
         per_group = [self._grads(group) for group in self.param_groups]
-        norm, finite = self._global_norm([g for _, grads in per_group for g in grads])
+        norm, finite = self._global_norm([g for _, grads in per_group for g in grads],
+                                         [p for params, _ in per_group for p in params])
         if not finite:
             # Skip the whole step: no weight, buffer or counter moves.
             for group in self.param_groups:
@@ -259,10 +277,11 @@ class NeuroOptima(Optimizer):
             if names[0] not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 for name in names:
-                    # Adan's difference is 0 at k = 1: the previous gradient starts as g.
-                    state[name] = (g.clone(memory_format=torch.preserve_format)
-                                   if name.endswith("prev_grad")
-                                   else torch.zeros_like(p, memory_format=torch.preserve_format))
+                    # zeros_like(p) keeps a DTensor parameter's state a DTensor.
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if name.endswith("prev_grad"):
+                        # Adan's difference is 0 at k = 1: the previous gradient starts as g.
+                        local(state[name]).copy_(g)
             state["step"] += 1
         foreach = self._use_foreach(group, params)
         # Multi-tensor kernels need one device and dtype per call.
@@ -270,10 +289,11 @@ class NeuroOptima(Optimizer):
         for i, p in enumerate(params):
             buckets[(p.device, p.dtype) if foreach else None].append(i)
         for idx in buckets.values():
-            ps = [params[i] for i in idx]
+            steps = [int(self.state[params[i]]["step"].item()) for i in idx]
+            # The kernels run on local shards of DTensor parameters and state.
+            buffers = [local_list([self.state[params[i]][name] for i in idx]) for name in names]
+            ps = local_list([params[i] for i in idx])
             gs = [grads[i] for i in idx]
-            buffers = [[self.state[p][name] for p in ps] for name in names]
-            steps = [int(self.state[p]["step"].item()) for p in ps]
             if rule == "adan":
                 F.adan(ps, gs, *buffers, steps, lr=group["lr"], betas=group["betas"],
                        eps=group["eps"], weight_decay=group["weight_decay"],
@@ -297,6 +317,6 @@ class NeuroOptima(Optimizer):
                     raise RuntimeError("lookahead slow weights are missing; enable Lookahead "
                                        "when the parameter group is created")
                 slow.append(self.state[p][_SLOW])
-            lookahead_sync_(due, slow, alpha=group["lookahead_alpha"],
+            lookahead_sync_(local_list(due), local_list(slow), alpha=group["lookahead_alpha"],
                             foreach=self._use_foreach(group, due)
                             and len({(p.device, p.dtype) for p in due}) == 1)
