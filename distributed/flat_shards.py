@@ -1,0 +1,192 @@
+"""Flat, padded chunks of parameters and the buckets that carry them through collectives.
+
+Each parameter of ``n`` elements is flattened (row-major) and split into N chunks of
+``c = ceil(n / N)`` elements, the last ones padded with zeros, as FSDP2 does: rank r owns
+elements ``[r c, (r + 1) c)``. The split is ``torch.chunk``'s, so a DTensor sharded on dim 0 of
+the flat parameter has exactly these local pieces (without the padding).
+
+A bucket packs several parameters so one collective serves them all. Its flat buffer of
+``N x S`` elements is laid out rank-major, ``[rank 0's chunks | rank 1's chunks | ...]``, with
+each section ``S`` the sum of the chunk sizes; a reduce-scatter of it leaves on each rank its
+own chunks, contiguous, and an all-gather of the sections rebuilds the whole buffer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["ShardSlot", "Bucket", "build_buckets"]
+
+
+@dataclass(eq=False)
+class ShardSlot:
+    """Where one parameter's chunks sit: in the parameter, in its bucket, on this rank."""
+
+    param: Tensor
+    index: int  # position in the optimizer's parameter order (the state-dict key)
+    numel: int
+    chunk: int  # c = ceil(n / N)
+    offset: int  # start of this parameter's chunk inside a bucket section
+    valid: int  # real (unpadded) elements in this rank's chunk
+    start: int  # first flat element this rank owns: rank * c
+
+    def pad_flat(self, full: Tensor, world_size: int) -> Tensor:
+        """``full`` (shaped like the parameter) flattened and zero-padded to ``N c``."""
+        flat = torch.zeros(world_size * self.chunk, dtype=full.dtype, device=full.device)
+        flat[:self.numel].copy_(full.reshape(-1))
+        return flat
+
+    def own_chunk(self, full: Tensor, world_size: int) -> Tensor:
+        """This rank's padded chunk of a parameter-shaped tensor (a new tensor)."""
+        return self.pad_flat(full, world_size)[self.start:self.start + self.chunk].clone()
+
+    def unpad(self, gathered: Tensor) -> Tensor:
+        """A parameter-shaped tensor from the N padded chunks concatenated in rank order."""
+        return gathered[:self.numel].view(self.param.shape)
+
+
+def _rows_from_flat(rows: Tensor, flat: Tensor, n: int, c: int) -> None:
+    """Copy ``flat`` (n elements) into the (N, c) view ``rows`` row by row; pad with zeros."""
+    if c == 0:
+        return
+    full = n // c
+    rows[:full].copy_(flat[:full * c].view(full, c))
+    rem = n - full * c
+    if rem:
+        rows[full, :rem].copy_(flat[full * c:])
+        rows[full, rem:].zero_()
+        full += 1
+    rows[full:].zero_()
+
+
+def _flat_from_rows(flat: Tensor, rows: Tensor, n: int, c: int) -> None:
+    """Inverse of ``_rows_from_flat``: the first n elements of the (N, c) view into ``flat``."""
+    if c == 0:
+        return
+    full = n // c
+    flat[:full * c].view(full, c).copy_(rows[:full])
+    rem = n - full * c
+    if rem:
+        flat[full * c:].copy_(rows[full, :rem])
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Parameters that share one reduce-scatter and one all-gather per step."""
+
+    slots: list[ShardSlot]
+    section: int
+    world_size: int
+    rank: int
+    dtype: torch.dtype
+    device: torch.device
+    owned: Tensor = field(init=False)  # this rank's weight chunks; the inner params view it
+    grad: Tensor = field(init=False)  # this rank's reduced gradient chunks
+    expected: int = field(init=False)  # parameters whose gradient hook must fire
+    ready: set = field(default_factory=set)
+    work: object = None  # the reduce-scatter in flight
+    send: Tensor | None = None  # its input buffer, kept alive until it completes
+    had_grad: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.owned = torch.zeros(self.section, dtype=self.dtype, device=self.device)
+        self.grad = torch.zeros(self.section, dtype=self.dtype, device=self.device)
+        self.expected = sum(1 for s in self.slots if s.param.requires_grad)
+
+    def chunk_view(self, buffer: Tensor, slot: ShardSlot) -> Tensor:
+        return buffer[slot.offset:slot.offset + slot.chunk]
+
+    @property
+    def launched(self) -> bool:
+        return self.work is not None
+
+    def full_numel(self) -> int:
+        return self.world_size * self.section
+
+    @torch.no_grad()
+    def pack_grads(self) -> Tensor:
+        """The local gradients laid out rank-major (missing gradients as zeros)."""
+        send = torch.empty(self.full_numel(), dtype=self.dtype, device=self.device)
+        rows = send.view(self.world_size, self.section)
+        self.had_grad = []
+        for slot in self.slots:
+            g = slot.param.grad
+            self.had_grad.append(g is not None)
+            view = rows[:, slot.offset:slot.offset + slot.chunk]
+            if g is None:
+                view.zero_()
+            else:
+                _rows_from_flat(view, g.detach().reshape(-1), slot.numel, slot.chunk)
+        return send
+
+    @torch.no_grad()
+    def pull_owned(self) -> None:
+        """Refresh this rank's weight chunks from the (full) module parameters."""
+        for slot in self.slots:
+            chunk = self.chunk_view(self.owned, slot)
+            flat = slot.param.detach().reshape(-1)
+            chunk[:slot.valid].copy_(flat[slot.start:slot.start + slot.valid])
+            chunk[slot.valid:].zero_()
+
+    @torch.no_grad()
+    def write_params(self, gathered: Tensor) -> None:
+        """Write an all-gathered (rank-major) weight buffer into the module parameters."""
+        rows = gathered.view(self.world_size, self.section)
+        for slot in self.slots:
+            view = rows[:, slot.offset:slot.offset + slot.chunk]
+            p = slot.param.detach()
+            if p.is_contiguous():
+                _flat_from_rows(p.view(-1), view, slot.numel, slot.chunk)
+            else:
+                flat = torch.empty(slot.numel, dtype=self.dtype, device=self.device)
+                _flat_from_rows(flat, view, slot.numel, slot.chunk)
+                p.copy_(flat.view(p.shape))
+
+    @torch.no_grad()
+    def pack_params(self) -> Tensor:
+        """The full module parameters laid out rank-major (for the initial broadcast)."""
+        full = torch.empty(self.full_numel(), dtype=self.dtype, device=self.device)
+        rows = full.view(self.world_size, self.section)
+        for slot in self.slots:
+            view = rows[:, slot.offset:slot.offset + slot.chunk]
+            _rows_from_flat(view, slot.param.detach().reshape(-1), slot.numel, slot.chunk)
+        return full
+
+
+def build_buckets(params: list[Tensor], *, world_size: int, rank: int,
+                  bucket_cap_bytes: int) -> list[Bucket]:
+    """Group parameters into buckets of at most ``bucket_cap_bytes`` (full, padded buffer).
+
+    Parameters are taken in reverse order, as DDP does: backward produces the last layers'
+    gradients first, so the first buckets fill (and start their reduce-scatter) early.
+    """
+    buckets: list[Bucket] = []
+    open_: dict[tuple, list[ShardSlot]] = {}
+    sizes: dict[tuple, int] = {}
+
+    def close(key: tuple) -> None:
+        slots = open_.pop(key, None)
+        if slots:
+            buckets.append(Bucket(slots, sizes.pop(key), world_size, rank, key[0], key[1]))
+
+    for index in reversed(range(len(params))):
+        p = params[index]
+        key = (p.dtype, p.device)
+        n = p.numel()
+        c = math.ceil(n / world_size)
+        bytes_ = world_size * c * p.element_size()
+        if key in open_ and (sizes[key] * world_size * p.element_size() + bytes_
+                             > bucket_cap_bytes):
+            close(key)
+        offset = sizes.get(key, 0)
+        start = rank * c
+        valid = max(0, min(c, n - start))
+        open_.setdefault(key, []).append(ShardSlot(p, index, n, c, offset, valid, start))
+        sizes[key] = offset + c
+    for key in list(open_):
+        close(key)
+    return buckets

@@ -1,0 +1,504 @@
+"""``ShardedNeuroOptima``: NeuroOptima with its state split ZeRO-style across data-parallel ranks.
+
+The model is not wrapped in DDP; the optimizer owns gradient synchronization:
+
+    backward  -> post-accumulate-grad hooks fill buckets -> async reduce-scatter per bucket
+    step      -> wait, average  -> inner NeuroOptima updates this rank's chunks
+              -> all-gather the updated chunks into every rank's full parameters
+
+The inner optimizer is a ``NeuroOptima`` whose parameters are this rank's flat, padded chunks
+(views into each bucket's ``owned`` buffer) and whose gradients are the reduce-scattered chunks,
+so every kernel, SAM, Lookahead, clipping, the non-finite skip and the state names are the core's
+own. Its only change is ``_reduce_norm_stats``: one all-reduce of the packed
+``[sum_sq, nonfinite]`` pair. Padding elements have zero weight and zero gradient, so they add
+nothing to any norm and every update rule leaves them at zero.
+
+SAM, ``sam_mode="global"``: reduce-scatter the first-pass gradients, collective-aware norm,
+perturb the owned chunks, all-gather the perturbed weights, second pass, restore the owned
+chunks from the chunk-sized ``sam.origin``, update, all-gather. ``sam_mode="local"``: each rank
+perturbs its full weights with its own local gradient and local norm (no communication), and the
+second pass runs as a plain step; the owned chunks still hold ``w``, and the final all-gather
+overwrites every perturbed element.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import weakref
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from neurooptima import NeuroOptima
+from neurooptima.norms import local_norm_stats, norm_from_stats
+from neurooptima.sam import norm_terms, perturb_
+from neurooptima.validation import check_group
+
+from .collectives import (all_gather_flat, all_reduce_norm_stats, broadcast_,
+                          reduce_scatter_flat, wait)
+from .flat_shards import Bucket, ShardSlot, build_buckets
+
+__all__ = ["ShardedNeuroOptima", "SAM_MODES"]
+
+SAM_MODES = ("global", "local")
+
+# Every per-group setting of NeuroOptima; ``skipped_steps`` is a counter, not a setting.
+HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
+              "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
+              "maximize", "foreach")
+
+_NEED_CLOSURE = ("SAM (sam_rho > 0) evaluates the gradient twice per step: pass step(closure) "
+                 "with a closure that zeroes the gradients, runs forward and backward and "
+                 "returns the loss; or call first_step() after the first backward and "
+                 "second_step() after the second; or set sam_rho=0")
+
+
+class _ShardOptimizer(NeuroOptima):
+    """NeuroOptima over this rank's chunks; norm statistics are summed over the group."""
+
+    def __init__(self, params: list[dict[str, Any]], *, group, timeout, **defaults) -> None:
+        self._group = group
+        self._timeout = timeout
+        super().__init__(params, **defaults)
+
+    def _reduce_norm_stats(self, stats: Tensor) -> Tensor:
+        return all_reduce_norm_stats(stats, self._group, self._timeout)
+
+    def update_only(self) -> None:
+        """Check, clip and apply the update (the SAM-local second pass: no restore needed)."""
+        self._update()
+
+
+def _as_timeout(timeout: Any) -> datetime.timedelta | None:
+    if timeout is None or isinstance(timeout, datetime.timedelta):
+        if timeout is not None and timeout.total_seconds() <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be None, a positive number of seconds or a timedelta, "
+                         f"got {timeout!r}")
+    return datetime.timedelta(seconds=timeout)
+
+
+class ShardedNeuroOptima(Optimizer):
+    r"""NeuroOptima with ZeRO-style sharded state and built-in gradient synchronization.
+
+    Every rank builds the same model (weights are broadcast from the group's first rank at
+    construction) and calls this optimizer like ``NeuroOptima``; do not wrap the model in DDP.
+    The result of a step equals single-process ``NeuroOptima`` on the concatenated global batch
+    with a mean loss (gradients are averaged over ranks, as DDP does).
+
+    Args:
+        params: parameters or param groups (the same on every rank).
+        process_group: the data-parallel group (default: the whole world).
+        sam_mode: ``"global"`` (exact SAM on the global batch) or ``"local"`` (per-replica
+            perturbation from each rank's own gradient, no communication in the first pass).
+        bucket_cap_mb: size of a gradient bucket (full, padded buffer) in MiB, > 0.
+        timeout: seconds (or a timedelta) a collective may wait for its peers before this rank
+            raises; None uses the process group's timeout.
+        lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
+        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach: as ``NeuroOptima``.
+
+    Every rank must produce gradients for the same parameters in a step (as with DDP's default
+    ``find_unused_parameters=False``). Accumulate micro-batches inside ``no_sync()``.
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
+                 process_group: dist.ProcessGroup | None = None, sam_mode: str = "global",
+                 bucket_cap_mb: float = 25, timeout: float | datetime.timedelta | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
+                 lookahead_k: int | None = 5, lookahead_alpha: float = 0.5,
+                 betas: tuple[float, ...] | None = None, eps: float = 1e-8,
+                 update: str = "adan", beta_diff: float = 0.92, no_prox: bool = False,
+                 sam_adaptive: bool = False, sam_eta: float = 0.01,
+                 max_grad_norm: float | None = None, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ShardedNeuroOptima needs an initialized process group: call "
+                               "torch.distributed.init_process_group() first (e.g. under "
+                               "torchrun)")
+        if sam_mode not in SAM_MODES:
+            raise ValueError(f"sam_mode must be one of {', '.join(map(repr, SAM_MODES))}, "
+                             f"got {sam_mode!r}")
+        if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
+                or not bucket_cap_mb > 0):
+            raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        if self.rank < 0:
+            raise ValueError("process_group must contain this rank")
+        self.world_size = dist.get_world_size(process_group)
+        self.sam_mode = sam_mode
+        self.bucket_cap_mb = bucket_cap_mb
+        self.timeout = _as_timeout(timeout)
+        defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
+                        lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
+                        eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
+                        sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
+                        maximize=maximize, foreach=foreach)
+        check_group(dict(defaults))
+        self._constructed = False
+        self._sam_phase: str | None = None  # None, "global" or "local" between the passes
+        self._no_sync = False
+        super().__init__(params, defaults)
+        self._check_same_on_all_ranks()
+        self._constructed = True
+
+        params_ = [p for group in self.param_groups for p in group["params"]]
+        self._buckets = build_buckets(params_, world_size=self.world_size, rank=self.rank,
+                                      bucket_cap_bytes=int(bucket_cap_mb * 2**20))
+        self._slots: dict[Tensor, tuple[Bucket, ShardSlot]] = {}
+        self._chunks: dict[Tensor, Tensor] = {}  # module parameter -> its chunk (inner param)
+        for bucket in self._buckets:
+            for slot in bucket.slots:
+                self._slots[slot.param] = (bucket, slot)
+                self._chunks[slot.param] = bucket.chunk_view(bucket.owned, slot)
+        self._broadcast_initial_weights()
+        for bucket in self._buckets:
+            bucket.pull_owned()
+        inner_groups = [{"params": [self._chunks[p] for p in group["params"]],
+                         **{k: group[k] for k in HYPER_KEYS}}
+                        for group in self.param_groups]
+        self._inner = _ShardOptimizer(inner_groups, group=process_group, timeout=self.timeout,
+                                      **defaults)
+        self._hooks = []
+        owner = weakref.ref(self)  # the hooks must not keep a discarded optimizer alive
+
+        def hook(p: Tensor) -> None:
+            optimizer = owner()
+            if optimizer is not None:
+                optimizer._grad_ready(p)
+
+        for p in params_:
+            if p.requires_grad:
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+
+    # ---------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_constructed", False):
+            raise RuntimeError("ShardedNeuroOptima shards its parameters at construction; pass "
+                               "every param group to the constructor")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_group(group)
+        group.setdefault("skipped_steps", 0)
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError("ShardedNeuroOptima does not support complex parameters; "
+                                 "optimize torch.view_as_real(p) instead")
+
+    def _check_same_on_all_ranks(self) -> None:
+        """Every rank must pass the same settings and parameter shapes; else all raise."""
+        mine = {
+            "sam_mode": self.sam_mode,
+            "bucket_cap_mb": self.bucket_cap_mb,
+            "groups": [{**{k: group[k] for k in HYPER_KEYS},
+                        "parameter shapes": [(tuple(p.shape), str(p.dtype))
+                                             for p in group["params"]]}
+                       for group in self.param_groups],
+        }
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.process_group)
+        first = everyone[0]
+        diffs = []
+        for rank, theirs in enumerate(everyone[1:], start=1):
+            for key in ("sam_mode", "bucket_cap_mb"):
+                if theirs[key] != first[key]:
+                    diffs.append(f"{key}: rank 0 has {first[key]!r}, rank {rank} has "
+                                 f"{theirs[key]!r}")
+            if len(theirs["groups"]) != len(first["groups"]):
+                diffs.append(f"number of param groups: rank 0 has {len(first['groups'])}, "
+                             f"rank {rank} has {len(theirs['groups'])}")
+                continue
+            for i, (a, b) in enumerate(zip(first["groups"], theirs["groups"])):
+                for key in a:
+                    if a[key] != b[key]:
+                        diffs.append(f"param group {i} {key}: rank 0 has {a[key]!r}, "
+                                     f"rank {rank} has {b[key]!r}")
+        if diffs:
+            raise ValueError("ShardedNeuroOptima needs the same hyperparameters and parameters "
+                             "on every rank; they differ: " + "; ".join(diffs))
+
+    @torch.no_grad()
+    def _broadcast_initial_weights(self) -> None:
+        for i, bucket in enumerate(self._buckets):
+            full = broadcast_(bucket.pack_params(), self.process_group, self.timeout,
+                              f"broadcast of the initial weights (bucket {i})")
+            bucket.write_params(full)
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (the optimizer stops synchronizing gradients)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def local_optimizer(self) -> NeuroOptima:
+        """The inner ``NeuroOptima`` over this rank's chunks (its ``state`` is this rank's)."""
+        return self._inner
+
+    @property
+    def sam_enabled(self) -> bool:
+        return any(group["sam_rho"] > 0 for group in self.param_groups)
+
+    @property
+    def in_second_pass(self) -> bool:
+        return self._sam_phase is not None
+
+    def chunk_of(self, param: Tensor) -> Tensor:
+        """This rank's flat, padded chunk of ``param`` (a parameter of the inner optimizer)."""
+        return self._chunks[param]
+
+    # ---------------------------------------------------------------- gradient sync
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally: backward passes inside start no communication."""
+        previous, self._no_sync = self._no_sync, True
+        try:
+            yield
+        finally:
+            self._no_sync = previous
+
+    def _holds_first_pass(self) -> bool:
+        # SAM-local's first pass perturbs with the local gradient: nothing to reduce.
+        return self.sam_mode == "local" and self._sam_phase is None and self.sam_enabled
+
+    def _grad_ready(self, p: Tensor) -> None:
+        if self._no_sync or self._holds_first_pass():
+            return
+        bucket, slot = self._slots[p]
+        if bucket.launched:
+            raise RuntimeError("a gradient was produced twice before step(): accumulate "
+                               "micro-batches inside optimizer.no_sync() and run the last "
+                               "backward outside it")
+        bucket.ready.add(slot.index)
+        if len(bucket.ready) == bucket.expected:
+            self._launch(bucket)
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.send = bucket.pack_grads()
+        bucket.work = reduce_scatter_flat(bucket.grad, bucket.send, self.process_group)
+        bucket.ready.clear()
+
+    @torch.no_grad()
+    def _finish_reduction(self) -> None:
+        """Start the buckets backward left incomplete, wait for all, give chunks their grads."""
+        for bucket in self._buckets:
+            if not bucket.launched and any(s.param.grad is not None for s in bucket.slots):
+                self._launch(bucket)
+        for i, bucket in enumerate(self._buckets):
+            if not bucket.launched:
+                for slot in bucket.slots:
+                    self._chunks[slot.param].grad = None
+                continue
+            wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
+            bucket.work, bucket.send = None, None
+            bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
+            for slot, had_grad in zip(bucket.slots, bucket.had_grad):
+                self._chunks[slot.param].grad = (bucket.chunk_view(bucket.grad, slot)
+                                                 if had_grad else None)
+
+    def _discard_pending(self) -> None:
+        for i, bucket in enumerate(self._buckets):
+            bucket.ready.clear()
+            if bucket.launched:
+                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
+                bucket.work, bucket.send = None, None
+        for chunk in self._chunks.values():
+            chunk.grad = None
+
+    @torch.no_grad()
+    def _gather_weights(self) -> None:
+        pending = []
+        for bucket in self._buckets:
+            out = torch.empty(bucket.full_numel(), dtype=bucket.dtype, device=bucket.device)
+            pending.append((bucket, out, all_gather_flat(out, bucket.owned, self.process_group)))
+        for i, (bucket, out, work) in enumerate(pending):
+            wait(work, self.timeout, f"all-gather of weight bucket {i}")
+            bucket.write_params(out)
+
+    def _pull_chunks(self) -> None:
+        # The module's weights are the truth between steps (a user may load or edit them).
+        for bucket in self._buckets:
+            bucket.pull_owned()
+
+    def _sync_groups_to_inner(self) -> None:
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            for key in HYPER_KEYS:
+                inner[key] = outer[key]
+            inner["skipped_steps"] = outer["skipped_steps"]
+
+    def _sync_groups_from_inner(self) -> None:
+        for outer, inner in zip(self.param_groups, self._inner.param_groups):
+            outer["skipped_steps"] = inner["skipped_steps"]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._discard_pending()
+        super().zero_grad(set_to_none)
+
+    # ---------------------------------------------------------------- SAM phases
+
+    @torch.no_grad()
+    def first_step(self) -> None:
+        """SAM's first phase (after the first backward): move the weights to ``w + e``."""
+        if self._sam_phase is not None:
+            raise RuntimeError("first_step() was called twice; call second_step() in between")
+        self._sync_groups_to_inner()
+        self._pull_chunks()
+        if self.sam_mode == "global":
+            self._finish_reduction()
+            self._inner.first_step()
+            self._sam_phase = "global"
+            if self._inner._sam_phase == "perturbed":
+                self._gather_weights()
+        else:
+            self._perturb_locally()
+            self._sam_phase = "local"
+        for chunk in self._chunks.values():
+            chunk.grad = None
+
+    def _perturb_locally(self) -> None:
+        """SAM-local: this rank's own gradient and norm perturb its full weights."""
+        per_group, terms = [], []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if group["maximize"] and grads:
+                grads = list(torch._foreach_neg(grads))
+            per_group.append((params, grads))
+            terms += norm_terms(params, grads, adaptive=group["sam_adaptive"],
+                                eta=group["sam_eta"])
+        norm, finite = norm_from_stats(local_norm_stats(terms))
+        if not finite:
+            return  # the second pass runs at w on this rank
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if group["sam_rho"] > 0:
+                perturb_(params, grads, rho=group["sam_rho"], norm=norm,
+                         adaptive=group["sam_adaptive"], eta=group["sam_eta"])
+
+    def second_step(self) -> None:
+        """SAM's second phase (after the second backward): restore ``w`` and update."""
+        if self._sam_phase is None:
+            raise RuntimeError("second_step() needs a preceding first_step()")
+        self.step()
+
+    # ---------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One optimization step on every rank; returns the closure's (first-pass) loss."""
+        if self._sam_phase is not None:
+            if closure is not None:
+                raise ValueError("step(closure) called between first_step() and "
+                                 "second_step(); call second_step() (or step() without a "
+                                 "closure) first")
+            self._finish_step()
+            return None
+        if self.sam_enabled:
+            if closure is None:
+                raise ValueError(_NEED_CLOSURE)
+            with torch.enable_grad():
+                loss = closure()
+            self.first_step()
+            self.zero_grad()
+            with torch.enable_grad():
+                closure()
+            self._finish_step()
+            return loss
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
+        self._sync_groups_to_inner()
+        phase = self._sam_phase
+        if phase is None:
+            self._pull_chunks()
+        self._finish_reduction()
+        if phase == "global":
+            self._inner.step()  # restores the owned chunks from sam.origin, then updates
+        else:
+            self._inner.update_only()  # plain step, or SAM-local (the chunks still hold w)
+        self._sam_phase = None
+        self._gather_weights()
+        for chunk in self._chunks.values():
+            chunk.grad = None
+        self._sync_groups_from_inner()
+
+    # ---------------------------------------------------------------- full state dict
+
+    def _slot_list(self) -> list[ShardSlot]:
+        return sorted((slot for _, slot in self._slots.values()), key=lambda s: s.index)
+
+    @torch.no_grad()
+    def state_dict(self) -> dict[str, Any]:
+        """The full (unsharded) state dict, in ``NeuroOptima``'s format; a collective call.
+
+        Every rank receives the whole dict; it loads into single-process ``NeuroOptima``.
+        For checkpoints that stay sharded, see ``neurooptima.distributed.checkpoint``.
+        """
+        if self._sam_phase is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step(); take "
+                               "it between steps")
+        self._sync_groups_from_inner()
+        state: dict[int, dict[str, Any]] = {}
+        for slot in self._slot_list():
+            entry = self._inner.state.get(self._chunks[slot.param])
+            if not entry:
+                continue
+            full: dict[str, Any] = {}
+            for key, value in entry.items():
+                if torch.is_tensor(value) and value.dim() == 1 and key != "step":
+                    gathered = value.new_empty(self.world_size * slot.chunk)
+                    wait(all_gather_flat(gathered, value.contiguous(), self.process_group),
+                         self.timeout, f"all-gather of state {key!r} of parameter {slot.index}")
+                    full[key] = slot.unpad(gathered).clone()
+                else:
+                    full[key] = value.clone() if torch.is_tensor(value) else value
+            state[slot.index] = full
+        groups, index = [], 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + len(group["params"])))
+            index += len(group["params"])
+            groups.append(packed)
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a full state dict (from ``NeuroOptima`` or ``ShardedNeuroOptima.state_dict``).
+
+        Each rank keeps only its chunk of every buffer.
+        """
+        if self._sam_phase is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        self._discard_pending()
+        # torch's loader checks the group sizes, maps indices to parameters and casts.
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            check_group(group)
+            group.setdefault("skipped_steps", 0)
+        inner_state: dict[Tensor, dict[str, Any]] = {}
+        for p, entry in self.state.items():
+            _, slot = self._slots[p]
+            chunk = self._chunks[p]
+            inner_state[chunk] = {
+                key: (slot.own_chunk(value, self.world_size).to(chunk.dtype)
+                      if torch.is_tensor(value) and key != "step" and value.shape == p.shape
+                      else value)
+                for key, value in entry.items()}
+        self.state.clear()
+        self._inner.state.clear()
+        self._inner.state.update(inner_state)
+        self._sync_groups_to_inner()
