@@ -190,6 +190,9 @@ class NeuroOptima(Optimizer):
             raise RuntimeError("second_step() needs a preceding first_step()")
         self.step()
 
+    # Run eagerly under torch.compile: dynamo dropped this method's attribute writes
+    # (_sam_phase, in_second_pass) when a compiled step graph-broke later in _update.
+    @torch._disable_dynamo
     @torch.no_grad()
     def _restore(self) -> None:
         for group in self.param_groups:
