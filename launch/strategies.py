@@ -1,0 +1,239 @@
+"""How a model and its optimizer are spread over ranks: one class per ``--strategy``.
+
+Each strategy wraps the model, builds the optimizer, runs one training step (both SAM passes
+for NeuroOptima), runs an evaluation forward and saves / loads its model and optimizer state:
+
+| strategy  | model                        | optimizer state                  | checkpoint         |
+|-----------|------------------------------|----------------------------------|--------------------|
+| single    | plain                        | full                             | one torch file     |
+| ddp       | DistributedDataParallel      | full, replicated                 | one torch file     |
+| zero      | plain, replicated            | sharded (ShardedNeuroOptima)     | torch.distributed.checkpoint |
+| fsdp2     | fully_shard (DTensor params) | sharded DTensors                 | torch.distributed.checkpoint |
+| fsdp1     | FullyShardedDataParallel     | sharded flat views               | torch.distributed.checkpoint |
+| deepspeed | DeepSpeed engine (ZeRO 0-3)  | the engine's partitions          | engine checkpoint  |
+
+A strategy whose backend is not part of this installation raises ``BackendUnavailable``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from neurooptima import frozen_batchnorm_stats
+
+from .checkpoint_state import load_dcp, load_torch_file, save_dcp, save_torch_file
+from .optimizers import build_optimizer
+
+__all__ = ["STRATEGIES", "BackendUnavailable", "Strategy", "make_strategy"]
+
+STRATEGIES = ("single", "ddp", "zero", "fsdp2", "fsdp1", "deepspeed")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend a strategy needs is not part of this installation."""
+
+
+def _require_module(strategy: str, module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise BackendUnavailable(f"--strategy {strategy} needs {what} ({module}), which is not "
+                                 f"available in this installation")
+
+
+class Strategy:
+    """Single process: the model and optimizer as they are."""
+
+    name = "single"
+    sharded_checkpoint = False
+
+    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+        self.args = args
+        self.device = device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.model: nn.Module | None = None    # what forward runs on (possibly wrapped)
+        self.module: nn.Module | None = None   # the user's model
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # -------------------------------------------------------------- set-up
+
+    def setup(self, model: nn.Module) -> None:
+        self.module = model.to(self.device)
+        self.model = self.wrap(self.module)
+        self.optimizer = self.make_optimizer()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.args, self.model.parameters())
+
+    # -------------------------------------------------------------- steps
+
+    def train_step(self, inputs: Tensor, targets: Tensor, loss_fn: LossFn) -> Tensor:
+        """One update on this rank's batch; returns the (first-pass) loss, detached."""
+        model, optimizer = self.model, self.optimizer
+        model.train()
+
+        def closure() -> Tensor:
+            optimizer.zero_grad(set_to_none=True)
+            # The second SAM pass must not count the batch twice in BatchNorm statistics.
+            frozen = getattr(optimizer, "in_second_pass", False)
+            with frozen_batchnorm_stats(model) if frozen else contextlib.nullcontext():
+                loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            return loss
+
+        if getattr(optimizer, "sam_enabled", False):
+            loss = optimizer.step(closure)
+        else:
+            loss = closure()
+            optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_forward(self, inputs: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(inputs)
+
+    # -------------------------------------------------------------- checkpoints
+
+    def save(self, directory: Path) -> None:
+        """Collective: every rank calls it; writes the model and optimizer state."""
+        save_torch_file(directory, self.module, self.optimizer, self.rank)
+
+    def load(self, directory: Path) -> None:
+        load_torch_file(directory, self.module, self.optimizer, self.device)
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel: gradients are averaged over ranks in each backward, so SAM's
+    norm and perturbation are those of the global batch."""
+
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return build_optimizer(self.args, self.module.parameters())
+
+
+class ZeroStrategy(Strategy):
+    """Replicated model, ZeRO-sharded optimizer state (ShardedNeuroOptima); baselines use
+    torch's ZeroRedundancyOptimizer over DDP."""
+
+    name = "zero"
+    sharded_checkpoint = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.args.optimizer != "neurooptima":
+            return DDPStrategy.wrap(self, model)
+        _require_module(self.name, "neurooptima.distributed.sharded", "ShardedNeuroOptima")
+        return model
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        from .optimizers import baseline_class, baseline_kwargs, neurooptima_kwargs
+
+        if self.args.optimizer != "neurooptima":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            self.sharded_checkpoint = False
+            return ZeroRedundancyOptimizer(self.module.parameters(),
+                                           baseline_class(self.args.optimizer),
+                                           **baseline_kwargs(self.args))
+        from neurooptima.distributed.sharded import ShardedNeuroOptima
+
+        return ShardedNeuroOptima(self.module.parameters(), sam_mode=self.args.sam_mode,
+                                  bucket_cap_mb=self.args.bucket_cap_mb,
+                                  **neurooptima_kwargs(self.args))
+
+    def save(self, directory: Path) -> None:
+        if self.sharded_checkpoint:
+            save_dcp(directory, self.module, self.optimizer)
+        else:
+            self.optimizer.consolidate_state_dict(to=0)
+            save_torch_file(directory, self.module, self.optimizer, self.rank)
+
+    def load(self, directory: Path) -> None:
+        if self.sharded_checkpoint:
+            load_dcp(directory, self.module, self.optimizer)
+        else:
+            load_torch_file(directory, self.module, self.optimizer, self.device)
+
+
+class FSDP2Strategy(Strategy):
+    """``fully_shard`` on every top-level child with parameters, then the root; NeuroOptima
+    works on the DTensor shards directly."""
+
+    name = "fsdp2"
+    sharded_checkpoint = True
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        _require_module(self.name, "neurooptima.dtensor", "NeuroOptima's DTensor support")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = build_optimizer(self.args, self.model.parameters())
+        if self.args.optimizer == "neurooptima":
+            _require_module(self.name, "neurooptima.distributed.fsdp",
+                            "NeuroOptima's FSDP support")
+            from neurooptima.distributed.fsdp import for_fsdp
+
+            for_fsdp(optimizer, self.model, sam_mode=self.args.sam_mode)
+        return optimizer
+
+    def save(self, directory: Path) -> None:
+        save_dcp(directory, self.model, self.optimizer)
+
+    def load(self, directory: Path) -> None:
+        load_dcp(directory, self.model, self.optimizer)
+
+
+class FSDP1Strategy(FSDP2Strategy):
+    """FullyShardedDataParallel with ``use_orig_params=True`` (flat shard views), one FSDP
+    unit per top-level child with parameters; NeuroOptima's norms are summed over FSDP's
+    process group (``neurooptima.distributed.fsdp.for_fsdp``)."""
+
+    name = "fsdp1"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        _require_module(self.name, "neurooptima.distributed.fsdp", "NeuroOptima's FSDP support")
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        units = {id(c) for c in model.children() if any(p.requires_grad for p in c.parameters())}
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in units)
+        device_id = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return FSDP(model, use_orig_params=True, device_id=device_id, auto_wrap_policy=policy)
+
+
+def make_strategy(args: argparse.Namespace, device: torch.device) -> Strategy:
+    if args.strategy == "deepspeed":
+        from .deepspeed_strategy import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(args, device)
+    classes = {"single": Strategy, "ddp": DDPStrategy, "zero": ZeroStrategy,
+               "fsdp2": FSDP2Strategy, "fsdp1": FSDP1Strategy}
+    return classes[args.strategy](args, device)
