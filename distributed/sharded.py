@@ -493,10 +493,11 @@ class ShardedNeuroOptima(Optimizer):
         for p, entry in self.state.items():
             _, slot = self._slots[p]
             chunk = self._chunks[p]
+            # Copies, never aliases: torch's loader hands back the caller's own tensors.
             inner_state[chunk] = {
                 key: (slot.own_chunk(value, self.world_size).to(chunk.dtype)
                       if torch.is_tensor(value) and key != "step" and value.shape == p.shape
-                      else value)
+                      else value.clone() if torch.is_tensor(value) else value)
                 for key, value in entry.items()}
         self.state.clear()
         self._inner.state.clear()

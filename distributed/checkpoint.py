@@ -1,0 +1,142 @@
+"""Sharded checkpoints of ``ShardedNeuroOptima`` through ``torch.distributed.checkpoint``.
+
+Each rank writes only its chunks. Every chunk-sized buffer is saved as a DTensor sharded on
+dim 0 of the flat, unpadded parameter (``torch.chunk``'s split is the optimizer's split, so the
+local piece is the chunk without its padding); step counters are saved once, and the param
+groups (hyperparameters and ``skipped_steps``) as JSON. Loading on M ranks asks for the pieces
+of the M-rank split and DCP reads them from whatever N-rank files hold them: N -> M resharding.
+
+For the unsharded format of single-process ``NeuroOptima``, use
+``ShardedNeuroOptima.state_dict()`` and ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from neurooptima.validation import check_group
+
+from .sharded import HYPER_KEYS, ShardedNeuroOptima
+
+__all__ = ["sharded_state_dict", "save_checkpoint", "load_checkpoint"]
+
+_GROUPS = "param_groups_json"
+
+
+def _mesh(optimizer: ShardedNeuroOptima) -> DeviceMesh:
+    group = optimizer.process_group or dist.group.WORLD
+    device = next(iter(optimizer._chunks.values())).device.type if optimizer._chunks else "cpu"
+    return DeviceMesh.from_group(group, device)
+
+
+def _sharded(chunk_buffer: Tensor, slot, mesh: DeviceMesh) -> DTensor:
+    # A view of the unpadded part: DCP writes loaded values straight into the buffer.
+    return DTensor.from_local(chunk_buffer[:slot.valid], mesh, [Shard(0)], run_check=False,
+                              shape=torch.Size([slot.numel]), stride=(1,))
+
+
+def _groups_json(optimizer: ShardedNeuroOptima) -> str:
+    optimizer._sync_groups_from_inner()
+    groups = []
+    for group in optimizer.param_groups:
+        packed = {k: group[k] for k in HYPER_KEYS}
+        packed["betas"] = list(packed["betas"])
+        packed["skipped_steps"] = group["skipped_steps"]
+        packed["num_params"] = len(group["params"])
+        groups.append(packed)
+    return json.dumps({"param_groups": groups, "saved_world_size": optimizer.world_size,
+                       "sam_mode": optimizer.sam_mode})
+
+
+def sharded_state_dict(optimizer: ShardedNeuroOptima) -> dict[str, Any]:
+    """The optimizer's state as DCP wants it: DTensor chunks, replicated counters, JSON groups."""
+    if optimizer.in_second_pass:
+        raise RuntimeError("a checkpoint between first_step() and second_step() would hold "
+                           "perturbed weights; save between steps")
+    mesh = _mesh(optimizer)
+    state: dict[str, dict[str, Any]] = {}
+    for slot in optimizer._slot_list():
+        entry = optimizer.local_optimizer.state.get(optimizer._chunks[slot.param])
+        if not entry:
+            continue
+        state[str(slot.index)] = {
+            key: (_sharded(value, slot, mesh) if value.dim() == 1 and key != "step" else value)
+            for key, value in entry.items()}
+    return {"state": state, _GROUPS: _groups_json(optimizer)}
+
+
+def save_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathLike) -> None:
+    """Write this optimizer's sharded state to a DCP checkpoint (every rank of its group)."""
+    dcp.save(sharded_state_dict(optimizer), checkpoint_id=checkpoint_id,
+             process_group=optimizer.process_group)
+
+
+def _saved_entries(metadata: Metadata) -> dict[int, dict[str, TensorStorageMetadata]]:
+    entries: dict[int, dict[str, TensorStorageMetadata]] = {}
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if fqn.startswith("state."):
+            index, key = fqn[len("state."):].split(".", 1)
+            entries.setdefault(int(index), {})[key] = meta
+    return entries
+
+
+@torch.no_grad()
+def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathLike) -> None:
+    """Load a DCP checkpoint saved by ``save_checkpoint`` on any number of ranks.
+
+    Replaces every buffer, counter and param-group setting; the model's weights are not part
+    of it (load them into the model as usual, the same on every rank).
+    """
+    if optimizer.in_second_pass:
+        raise RuntimeError("load_checkpoint() between first_step() and second_step()")
+    optimizer._discard_pending()
+    saved = _saved_entries(dcp.FileSystemReader(checkpoint_id).read_metadata())
+    slots = {slot.index: slot for slot in optimizer._slot_list()}
+    unknown = sorted(set(saved) - set(slots))
+    if unknown:
+        raise ValueError(f"the checkpoint holds state for parameter indices {unknown}, but the "
+                         f"optimizer has {len(slots)} parameters")
+    mesh = _mesh(optimizer)
+    new_state: dict[Tensor, dict[str, Any]] = {}
+    request: dict[str, dict[str, Any]] = {}
+    for index, keys in saved.items():
+        slot = slots[index]
+        chunk = optimizer._chunks[slot.param]
+        entry, wanted = {}, {}
+        for key, meta in keys.items():
+            if key != "step" and tuple(meta.size) == (slot.numel,):
+                buffer = torch.zeros_like(chunk, dtype=meta.properties.dtype)
+                entry[key], wanted[key] = buffer, _sharded(buffer, slot, mesh)
+            else:
+                entry[key] = wanted[key] = torch.zeros(meta.size, dtype=meta.properties.dtype)
+        new_state[chunk] = entry
+        request[str(index)] = wanted
+    loaded = {"state": request, _GROUPS: ""}
+    dcp.load(loaded, checkpoint_id=checkpoint_id, process_group=optimizer.process_group)
+
+    groups = json.loads(loaded[_GROUPS])["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(groups)} param groups, the optimizer "
+                         f"{len(optimizer.param_groups)}")
+    for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, groups)):
+        if saved_group["num_params"] != len(group["params"]):
+            raise ValueError(f"param group {i} has {len(group['params'])} parameters, the "
+                             f"checkpoint's has {saved_group['num_params']}")
+        for key in HYPER_KEYS:
+            group[key] = saved_group[key]
+        group["betas"] = tuple(group["betas"])
+        group["skipped_steps"] = saved_group["skipped_steps"]
+        check_group(group)
+    optimizer.local_optimizer.state.clear()
+    optimizer.local_optimizer.state.update(new_state)
+    optimizer._sync_groups_to_inner()
