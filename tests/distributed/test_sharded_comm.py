@@ -112,3 +112,28 @@ def test_state_memory_per_rank_is_one_nth(world, update):
     assert sharded == (unsharded + padding) / n
     assert sharded <= 1.01 * unsharded / n
     assert origin == chunks
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_flat_layout_covers_every_element_once(world, world_size):
+    """Simulated ranks: the owned chunks tile each parameter; pack and write are inverses."""
+    import torch
+
+    from neurooptima.distributed.flat_shards import build_buckets
+
+    params = [torch.randn(17, 33), torch.randn(5), torch.randn(2), torch.randn(1, 3, 2)]
+    tiled = [torch.zeros(p.numel()) for p in params]
+    for r in range(world_size):
+        buckets = build_buckets(params, world_size=world_size, rank=r, bucket_cap_bytes=600)
+        assert sorted(s.index for b in buckets for s in b.slots) == list(range(len(params)))
+        for bucket in buckets:
+            bucket.pull_owned()
+            for slot in bucket.slots:
+                chunk = bucket.chunk_view(bucket.owned, slot)
+                tiled[slot.index][slot.start:slot.start + slot.valid] += chunk[:slot.valid]
+                assert torch.all(chunk[slot.valid:] == 0)  # padding is zero
+            before = [s.param.clone() for s in bucket.slots]
+            bucket.write_params(bucket.pack_params())
+            assert all(torch.equal(b, s.param) for b, s in zip(before, bucket.slots))
+    for p, t in zip(params, tiled):
+        assert torch.equal(t, p.reshape(-1))
