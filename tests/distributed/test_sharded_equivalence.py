@@ -191,3 +191,25 @@ def test_sam_local_differs_from_global(world):
         train_sharded(model, optimizer, range(3), rank, n)
         weights.append(model)
     assert agree_max(-relative_error(*weights)) < -1e-4
+
+
+def test_lr_scheduler_drives_the_sharded_update(world):
+    rank, n = world
+    hyper = dict(lr=1e-2, sam_rho=0.05, update="lion")
+
+    def schedule(step):
+        return 0.5 ** step
+
+    model = make_model(7)
+    optimizer = ShardedNeuroOptima(model.parameters(), **hyper)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    reference = make_model(7)
+    ref_opt = NeuroOptima(reference.parameters(), **hyper)
+    ref_scheduler = torch.optim.lr_scheduler.LambdaLR(ref_opt, schedule)
+    for step in range(6):
+        train_sharded(model, optimizer, range(step, step + 1), rank, n)
+        scheduler.step()
+        train_reference(reference, ref_opt, range(step, step + 1))
+        ref_scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"] == 1e-2 * 0.5 ** 6
+    assert agree_max(relative_error(model, reference)) <= TOL
