@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -30,12 +31,15 @@ from torch import Tensor, nn
 
 from neurooptima import frozen_batchnorm_stats
 
-from .checkpoint_state import load_dcp, load_torch_file, save_dcp, save_torch_file
+from .checkpoint_state import (DCP_FOLDER, load_dcp, load_torch_file, save_dcp,
+                               save_torch_file)
 from .optimizers import build_optimizer
 
 __all__ = ["STRATEGIES", "BackendUnavailable", "Strategy", "make_strategy"]
 
 STRATEGIES = ("single", "ddp", "zero", "fsdp2", "fsdp1", "deepspeed")
+
+ZERO_MODEL_FILE = "model.pt"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -157,22 +161,32 @@ class ZeroStrategy(Strategy):
                                            **baseline_kwargs(self.args))
         from neurooptima.distributed.sharded import ShardedNeuroOptima
 
-        return ShardedNeuroOptima(self.module.parameters(), sam_mode=self.args.sam_mode,
+        return ShardedNeuroOptima(self.module.parameters(),
+                                  sam_mode=self.args.sam_mode or "global",
                                   bucket_cap_mb=self.args.bucket_cap_mb,
                                   **neurooptima_kwargs(self.args))
 
     def save(self, directory: Path) -> None:
-        if self.sharded_checkpoint:
-            save_dcp(directory, self.module, self.optimizer)
-        else:
+        if not self.sharded_checkpoint:  # a baseline under ZeroRedundancyOptimizer
             self.optimizer.consolidate_state_dict(to=0)
             save_torch_file(directory, self.module, self.optimizer, self.rank)
+            return
+        from neurooptima.distributed.checkpoint import save_checkpoint
+
+        # The weights are replicated: rank 0 writes them; each rank writes its state chunks.
+        if self.rank == 0:
+            torch.save(self.module.state_dict(), directory / ZERO_MODEL_FILE)
+        save_checkpoint(self.optimizer, directory / DCP_FOLDER)
 
     def load(self, directory: Path) -> None:
-        if self.sharded_checkpoint:
-            load_dcp(directory, self.module, self.optimizer)
-        else:
+        if not self.sharded_checkpoint:
             load_torch_file(directory, self.module, self.optimizer, self.device)
+            return
+        from neurooptima.distributed.checkpoint import load_checkpoint
+
+        self.module.load_state_dict(torch.load(directory / ZERO_MODEL_FILE,
+                                               map_location=self.device, weights_only=True))
+        load_checkpoint(self.optimizer, directory / DCP_FOLDER)
 
 
 class FSDP2Strategy(Strategy):
@@ -201,7 +215,7 @@ class FSDP2Strategy(Strategy):
                             "NeuroOptima's FSDP support")
             from neurooptima.distributed.fsdp import for_fsdp
 
-            for_fsdp(optimizer, self.model, sam_mode=self.args.sam_mode)
+            for_fsdp(optimizer, self.model, sam_mode=self.args.sam_mode or "global")
         return optimizer
 
     def save(self, directory: Path) -> None:
@@ -219,6 +233,9 @@ class FSDP1Strategy(FSDP2Strategy):
     name = "fsdp1"
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        # FSDP1's sharded state-dict code asks gloo for a default device through an API torch
+        # has deprecated; the warning says nothing about this run.
+        warnings.filterwarnings("ignore", module="torch.distributed.fsdp._shard_utils")
         _require_module(self.name, "neurooptima.distributed.fsdp", "NeuroOptima's FSDP support")
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy

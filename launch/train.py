@@ -105,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: exit abruptly (code 17) after this many steps in total, as "
                         "if the job were killed")
     d = parser.add_argument_group("distributed backends")
-    d.add_argument("--sam-mode", choices=("global", "local"), default="global",
-                   help="zero/fsdp: SAM perturbation from the global batch or per replica")
+    d.add_argument("--sam-mode", choices=("global", "local"), default=None,
+                   help="zero/fsdp/deepspeed: SAM perturbation from the global batch "
+                        "(default: global) or per replica")
     d.add_argument("--bucket-cap-mb", type=float, default=25,
                    help="zero: gradient bucket size for the overlapped reduce-scatter")
-    d.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2,
-                   help="deepspeed: ZeRO stage")
+    d.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="deepspeed: ZeRO stage (default: the config's, else 2)")
     d.add_argument("--deepspeed-config", type=Path, default=None,
                    help="deepspeed: a JSON config (batch size and the optimizer flags given "
                         "here override its values)")
