@@ -37,7 +37,10 @@ def _nbytes(t: Tensor) -> int:
 
 
 def wait(work, timeout: datetime.timedelta | None, what: str, group=None) -> None:
-    """Wait for ``work``; turn a timeout or a lost peer into a ``CollectiveError``."""
+    """Wait for ``work``; turn a timeout or a lost peer into a ``CollectiveError``.
+
+    ``group`` is accepted for symmetry with the other helpers; the work already knows it.
+    """
     if work is None:
         return
     try:

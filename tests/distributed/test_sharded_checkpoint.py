@@ -9,6 +9,7 @@ uninterrupted single-process trajectory on the same global batches.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -43,7 +44,6 @@ def shared_dir():
     yield holder[0]
     dist.barrier()
     if dist.get_rank() == 0:
-        import shutil
         shutil.rmtree(holder[0], ignore_errors=True)
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from test_sharded_support import local_batch, loss_fn, make_model, train_reference, train_sharded
 
 from neurooptima import RULE_BUFFERS, NeuroOptima
 from neurooptima.distributed import ShardedNeuroOptima, count_communication
+from neurooptima.distributed.flat_shards import build_buckets
 
 STATS_BYTES = 16  # the packed float64 [sum_sq, nonfinite] pair
 MEASURED_STEPS = 3
@@ -117,10 +119,6 @@ def test_state_memory_per_rank_is_one_nth(world, update):
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 def test_flat_layout_covers_every_element_once(world, world_size):
     """Simulated ranks: the owned chunks tile each parameter; pack and write are inverses."""
-    import torch
-
-    from neurooptima.distributed.flat_shards import build_buckets
-
     params = [torch.randn(17, 33), torch.randn(5), torch.randn(2), torch.randn(1, 3, 2)]
     tiled = [torch.zeros(p.numel()) for p in params]
     for r in range(world_size):

@@ -8,10 +8,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from test_sharded_support import local_batch, make_model, train_sharded
 
 from neurooptima.distributed import ShardedNeuroOptima
-
-from test_sharded_support import local_batch, make_model, train_sharded
 
 
 @pytest.mark.parametrize("kwargs, message", [
