@@ -29,6 +29,8 @@ from .lookahead import lookahead_sync_
 from .norms import local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
 from .validation import check_group
+from . import reduced_state
+from .rules import compute_dtype_for, run_rule
 
 __all__ = ["NeuroOptima"]
 
@@ -62,6 +64,11 @@ class NeuroOptima(Optimizer):
         max_grad_norm: clip the update gradient to this global L2 norm (None: no clipping).
         maximize: maximize the objective.
         foreach: multi-tensor kernels; None picks them where torch does (accelerators).
+        fused: one compiled single-pass kernel per (device, dtype) over flat buffers (see
+            ``fused``); None or False: off. Cannot be combined with ``foreach=True``.
+        state_dtype: dtype the rule's buffers are stored in (e.g. ``torch.bfloat16``); the
+            math runs in float32 or wider. None: the parameter's dtype. With a narrower state
+            dtype, SAM keeps its perturbation in it instead of a full copy of the weights.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
@@ -70,17 +77,21 @@ class NeuroOptima(Optimizer):
                  eps: float = 1e-8, *, update: str = "adan", beta_diff: float = 0.92,
                  no_prox: bool = False, sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
                         eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
                         sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
-                        maximize=maximize, foreach=foreach)
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype)
         # Check the defaults once up front so an empty or odd params list still reports them.
         check_group(dict(defaults))
         self._sam_phase: str | None = None  # None, "perturbed" or "skipped" between passes
         self.in_second_pass = False
         super().__init__(params, defaults)
+        # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
+        self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
 
     # ---------------------------------------------------------------- groups and state
 
@@ -179,6 +190,14 @@ class NeuroOptima(Optimizer):
         for group, (params, grads) in zip(self.param_groups, per_group):
             if group["sam_rho"] == 0:
                 continue
+            dtype = group.get("state_dtype")
+            if all(reduced_state.stores_perturbation(p.dtype, dtype) for p in params):
+                # Narrow state: keep e (state dtype), not a full copy of w (see reduced_state).
+                reduced_state.perturb_stored_(self.state, params, local_list(params), grads,
+                                              rho=group["sam_rho"], norm=norm,
+                                              adaptive=group["sam_adaptive"],
+                                              eta=group["sam_eta"], dtype=dtype)
+                continue
             for p in params:
                 self.state[p][_SAM_ORIGIN] = p.detach().clone()
             perturb_(local_list(params), grads, rho=group["sam_rho"], norm=norm,
@@ -200,6 +219,10 @@ class NeuroOptima(Optimizer):
                 origin = self.state[p].pop(_SAM_ORIGIN, None) if p in self.state else None
                 if origin is not None:
                     local(p).copy_(local(origin))
+                e = (self.state[p].pop(reduced_state.SAM_PERTURBATION, None)
+                     if p in self.state else None)
+                if e is not None:
+                    local(p).sub_(e)
         self._sam_phase = None
         self.in_second_pass = False
 
@@ -266,6 +289,8 @@ class NeuroOptima(Optimizer):
 
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is None:
+            if group.get("fused"):
+                return True  # what the fused kernel leaves (Lookahead, DTensor) runs foreach
             _, foreach = _default_to_fused_or_foreach(params, differentiable=False,
                                                       use_fused=False)
             return foreach
@@ -281,32 +306,40 @@ class NeuroOptima(Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 for name in names:
                     # zeros_like(p) keeps a DTensor parameter's state a DTensor.
-                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format,
+                                                   dtype=group.get("state_dtype") or p.dtype)
                     if name.endswith("prev_grad"):
                         # Adan's difference is 0 at k = 1: the previous gradient starts as g.
                         local(state[name]).copy_(g)
             state["step"] += 1
+        if group.get("fused"):
+            from .fused import fused_update_  # torch.compile is imported only when used
+
+            steps = [int(self.state[p]["step"].item()) for p in params]
+            rest = fused_update_(self.state, group, params, grads, names, steps)
+            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            if not params:
+                return
         foreach = self._use_foreach(group, params)
-        # Multi-tensor kernels need one device and dtype per call.
+        state_dtype = group.get("state_dtype")
+        # Multi-tensor kernels need one device and dtype per call; so does the upcast of
+        # reduced-precision state.
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
-            buckets[(p.device, p.dtype) if foreach else None].append(i)
+            buckets[(p.device, p.dtype) if foreach or state_dtype else None].append(i)
         for idx in buckets.values():
-            steps = [int(self.state[params[i]]["step"].item()) for i in idx]
-            # The kernels run on local shards of DTensor parameters and state.
-            buffers = [local_list([self.state[params[i]][name] for i in idx]) for name in names]
-            ps = local_list([params[i] for i in idx])
-            gs = [grads[i] for i in idx]
-            if rule == "adan":
-                F.adan(ps, gs, *buffers, steps, lr=group["lr"], betas=group["betas"],
-                       eps=group["eps"], weight_decay=group["weight_decay"],
-                       no_prox=group["no_prox"], foreach=foreach)
-            elif rule == "lion":
-                F.lion(ps, gs, *buffers, lr=group["lr"], betas=group["betas"],
-                       weight_decay=group["weight_decay"], foreach=foreach)
-            else:
-                F.lion_adan(ps, gs, *buffers, steps, lr=group["lr"], betas=group["betas"],
-                            weight_decay=group["weight_decay"], foreach=foreach)
+            compute_dtype = compute_dtype_for(params[idx[0]].dtype, state_dtype)
+            # Upcast copies are temporaries: bound their size when state is stored narrow.
+            for chunk in (reduced_state.chunks(idx, params) if compute_dtype else [idx]):
+                steps = [int(self.state[params[i]]["step"].item()) for i in chunk]
+                # The kernels run on local shards of DTensor parameters and state.
+                buffers = [local_list([self.state[params[i]][name] for i in chunk])
+                           for name in names]
+                run_rule(rule, local_list([params[i] for i in chunk]),
+                         [grads[i] for i in chunk], buffers, steps, lr=group["lr"],
+                         betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                         foreach=foreach, compute_dtype=compute_dtype)
 
     def _lookahead(self, group: dict[str, Any], params: list[Tensor]) -> None:
         k = group["lookahead_k"]

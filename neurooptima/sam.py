@@ -28,14 +28,17 @@ def norm_terms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool,
     return [(p.abs() + eta) * g for p, g in zip(params, grads)]
 
 
+def perturbation(p: Tensor, g: Tensor, *, scale: float, adaptive: bool, eta: float) -> Tensor:
+    """SAM's ``e`` for one tensor, with ``scale = rho / (norm + NORM_EPS)``."""
+    if adaptive:
+        t = p.abs() + eta
+        return t * t * g * scale
+    return g * scale
+
+
 def perturb_(params: list[Tensor], grads: list[Tensor], *, rho: float, norm: float,
              adaptive: bool, eta: float) -> None:
     """Move ``params`` to ``w + e`` in place, given the global norm of ``norm_terms``."""
     scale = rho / (norm + NORM_EPS)
     for p, g in zip(params, grads):
-        if adaptive:
-            t = p.abs() + eta
-            e = t * t * g * scale
-        else:
-            e = g * scale
-        p.add_(e)
+        p.add_(perturbation(p, g, scale=scale, adaptive=adaptive, eta=eta))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from .functional import DEFAULT_BETAS, UPDATE_RULES
 
 
@@ -82,3 +84,15 @@ def check_group(group: dict) -> None:
             raise ValueError(f"{name} must be True or False, got {group[name]!r}")
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
+    # .get: param groups saved before these options existed lack them.
+    fused = group.get("fused")
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be True, False or None, got {fused!r}")
+    if fused and group["foreach"]:
+        raise ValueError("fused=True and foreach=True cannot be combined; pick one")
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                        and state_dtype.is_floating_point
+                                        and not state_dtype.is_complex):
+        raise ValueError(f"state_dtype must be None or a real floating torch.dtype (e.g. "
+                         f"torch.bfloat16), got {state_dtype!r}")

@@ -1,0 +1,185 @@
+"""The fused step: one compiled pass over flat buffers, from the same kernels as the eager path.
+
+An optimizer step is bound by memory traffic: Adan reads ``w, g, m, v, n, g_prev`` and writes
+``w, m, v, n, g_prev`` (44 bytes per float32 parameter), and the eager kernels move several times
+that through temporaries. Here ``rules.run_rule`` (the eager dispatch to ``functional``, with the
+optional upcast of reduced-precision state) is compiled by ``torch.compile`` (inductor) for one
+flat tensor per buffer, so each element is loaded once, updated in registers and stored once.
+There is no second copy of the equations: the compiled graph is traced from the same kernels.
+
+``fused_rule_`` is the building block for any holder of flat tensors (the ZeRO-sharded optimizer
+calls it on its chunks). ``fused_update_`` serves ``NeuroOptima(fused=True)``: it groups the
+parameters of a param group by (device, dtype, step count) and keeps, per group, the parameters,
+the gradients and every rule buffer as consecutive views of one flat tensor each, so the kernel
+runs once per group with no gathering. The first fused step lays them out (the parameters'
+``.data`` and ``.grad`` become views of new flat tensors, with the same values); later steps
+find the layout intact and use it directly. Gradients keep the layout only while backward
+accumulates into them (``zero_grad(set_to_none=False)``); fresh gradients are copied once into
+a flat tensor per step. DTensor and non-contiguous parameters are left to the eager kernels.
+
+Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
+one kernel; hyperparameters are graph inputs, so schedules do not recompile it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .dtensor import is_dtensor
+from .rules import compute_dtype_for, run_rule
+
+__all__ = ["fused_rule_", "fused_update_", "flat_view"]
+
+# Distinct dtypes (and one float re-specialisation each) add graphs per rule; the default
+# limit of 8 would silently fall back to eager for mixed-dtype models.
+_RECOMPILE_LIMIT = 64
+
+
+def _flat_body(rule, param, grad, buffers, step, lr, betas, eps, weight_decay, no_prox,
+               compute_dtype):
+    run_rule(rule, [param], [grad], [[b] for b in buffers], [step], lr=lr, betas=betas,
+             eps=eps, weight_decay=weight_decay, no_prox=no_prox, foreach=False,
+             compute_dtype=compute_dtype)
+
+
+# One Python function per rule, so each rule has its own compile cache.
+def _flat_adan(*args):
+    _flat_body("adan", *args)
+
+
+def _flat_lion(*args):
+    _flat_body("lion", *args)
+
+
+def _flat_lion_adan(*args):
+    _flat_body("lion_adan", *args)
+
+
+_FLAT_FUNCTIONS: dict[str, Callable[..., None]] = {
+    "adan": _flat_adan, "lion": _flat_lion, "lion_adan": _flat_lion_adan}
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def _compiled(rule: str) -> Callable[..., None]:
+    fn = _COMPILED.get(rule)
+    if fn is None:
+        if rule not in _FLAT_FUNCTIONS:
+            raise ValueError(f"update must be one of {', '.join(map(repr, _FLAT_FUNCTIONS))}, "
+                             f"got {rule!r}")
+        fn = _COMPILED[rule] = torch.compile(_FLAT_FUNCTIONS[rule], dynamic=True,
+                                             fullgraph=True)
+    return fn
+
+
+def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
+                step: int | float, *, lr: float, betas: Sequence[float], eps: float = 0.0,
+                weight_decay: float = 0.0, no_prox: bool = False,
+                compute_dtype: torch.dtype | None = None) -> None:
+    """One update of ``rule`` on same-shaped (typically flat) tensors, in one compiled pass.
+
+    ``buffers`` are the rule's buffers in ``functional.RULE_BUFFERS`` order; all elements share
+    the 1-based update count ``step``. Buffers stored in another dtype than ``compute_dtype``
+    are upcast for the math (see ``rules.run_rule``). Same equations, same order of operations
+    as the eager kernels; results agree with them to rounding (the compiler may contract
+    multiply-adds).
+    """
+    fn = _compiled(rule)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        fn(param, grad, tuple(buffers), float(step), float(lr), tuple(float(b) for b in betas),
+           float(eps), float(weight_decay), bool(no_prox), compute_dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Flat layout: consecutive views of one tensor
+# ------------------------------------------------------------------------------------------
+
+
+def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
+    """The 1-D tensor of which ``tensors`` are consecutive, gap-free contiguous views, or None.
+
+    Checks only pointers and sizes (cheap enough for every step); the extent must lie in the
+    first tensor's storage, so separate allocations that merely happen to be adjacent never
+    count as one.
+    """
+    first = tensors[0]
+    itemsize = first.element_size()
+    start = first.data_ptr()
+    ptr = start
+    for t in tensors:
+        if t.data_ptr() != ptr or not t.is_contiguous() or t.dtype != first.dtype:
+            return None
+        ptr += t.numel() * itemsize
+    total = (ptr - start) // itemsize
+    storage = first.untyped_storage()
+    offset = first.storage_offset()
+    if (offset + total) * itemsize > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, offset, (total,), (1,))
+
+
+def _gather(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | None,
+            dtype: torch.dtype | None = None) -> Tensor:
+    """Copy ``tensors`` into a new flat tensor; ``rebind(i, view)`` hands out the views."""
+    first = tensors[0]
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype or first.dtype,
+                       device=first.device)
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    torch._foreach_copy_(views, list(tensors))
+    if rebind is not None:
+        for i, view in enumerate(views):
+            rebind(i, view)
+    return flat
+
+
+def _flat(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | None) -> Tensor:
+    flat = flat_view(tensors)
+    return flat if flat is not None else _gather(tensors, rebind)
+
+
+def _fusable(p: Tensor, g: Tensor) -> bool:
+    return (not is_dtensor(p) and p.is_contiguous() and g.is_contiguous()
+            and g.dtype == p.dtype and g.device == p.device and p.numel() > 0)
+
+
+@torch.no_grad()
+def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
+                  params: list[Tensor], grads: list[Tensor], names: Sequence[str],
+                  steps: Sequence[int]) -> list[int]:
+    """Apply ``group``'s rule to ``params`` in flat groups; returns the indices left undone.
+
+    ``state[p][name]`` holds each parameter's buffers (``names`` in kernel order) and is
+    rebound to views of the flat buffers. ``grads[i]`` is rebound into the flat layout only
+    when it is ``params[i].grad`` itself (not a clipped or negated copy).
+    """
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    rest: list[int] = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if _fusable(p, g):
+            buckets[(p.device, p.dtype, steps[i])].append(i)
+        else:
+            rest.append(i)
+    state_dtype = group.get("state_dtype")
+    for (_, dtype, step), idx in buckets.items():
+        ps = [params[i] for i in idx]
+        gs = [grads[i] for i in idx]
+        flat_p = _flat(ps, lambda j, v: setattr(ps[j], "data", v))
+        own_grads = all(g is p.grad for p, g in zip(ps, gs))
+        flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
+        flat_bufs = []
+        for name in names:
+            def rebind(j, v, name=name):
+                state[ps[j]][name] = v
+            flat_bufs.append(_flat([state[p][name] for p in ps], rebind))
+        compute = compute_dtype_for(dtype, state_dtype)
+        fused_rule_(group["update"], flat_p, flat_g, flat_bufs, step, lr=group["lr"],
+                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    no_prox=group["no_prox"], compute_dtype=compute)
+    return rest
