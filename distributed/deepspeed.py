@@ -21,9 +21,10 @@ becomes ``gradient_clipping``, whose coefficient ``max / (norm + 1e-6)`` is the 
   the perturbed weights visible to the forward pass (stages 1/2: all-gather of the low-precision
   partitions; stage 3: re-gather of the persistent parameters); zero the gradients; second
   forward and ``engine.backward``; restore; ``engine.step()``.
-* ``sam_mode="local"`` (stages 0-2, where every rank holds full weights): the first pass takes
-  this replica's own gradient with ``torch.autograd.grad`` (no DeepSpeed reduction hook runs)
-  and perturbs the full local weights with the local norm, without communication.
+* ``sam_mode="local"`` (stages 0 and 1, where a per-replica gradient exists): the first
+  backward runs under ``engine.no_sync()``, so each replica keeps its own full gradient, and
+  perturbs its full weights with its local norm, without communication. Stages 2 and 3 reduce
+  into partitions during backward; there local mode is an error.
 
 Restoring: at stage 0 the optimizer updates the model parameters themselves, so ``w`` comes
 back from a copy before ``engine.step()``. At stages 1-3 the fp32 master partitions never move
@@ -61,6 +62,13 @@ SAM_MODES = ("global", "local")
 
 # Keys of the config's "params" that are not NeuroOptima arguments but engine-level settings.
 ENGINE_KEYS = ("sam_mode",)
+
+# Where a per-replica gradient exists: stages 0 and 1 reduce after backward, which
+# engine.no_sync() postpones; stages 2 and 3 reduce inside backward, into partitions.
+LOCAL_STAGES = (0, 1)
+_LOCAL_STAGE_ERROR = ("sam_mode=\"local\" needs each replica's own full gradient after the first "
+                      "backward; ZeRO stage {stage} reduces gradients into partitions during "
+                      "backward. Use sam_mode=\"global\", or ZeRO stage 0 or 1")
 
 
 # -------------------------------------------------------------------------------- JIT ops
@@ -205,9 +213,8 @@ def split_config(config: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     ds_config["zero_allow_untested_optimizer"] = True
 
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if kwargs.get("sam_mode", "global") == "local" and stage == 3:
-        raise ValueError("sam_mode=\"local\" needs every rank to hold full weights, which ZeRO "
-                         "stage 3 does not; use sam_mode=\"global\" or stage 0, 1 or 2")
+    if kwargs.get("sam_mode", "global") == "local" and stage not in LOCAL_STAGES:
+        raise ValueError(_LOCAL_STAGE_ERROR.format(stage=stage))
     return ds_config, kwargs
 
 
@@ -312,14 +319,6 @@ def _owned_stage3(optimizer: EngineNeuroOptima, with_grads: bool = True) -> list
     return owned
 
 
-def _local_grads(optimizer: EngineNeuroOptima, loss: Tensor) -> list[_Owned]:
-    # autograd.grad fills no .grad, so DeepSpeed's gradient hooks (reduction) never run.
-    pairs = [(p, group) for p, group in optimizer.model_params if p.requires_grad]
-    grads = torch.autograd.grad(loss, [p for p, _ in pairs], allow_unused=True)
-    return [_Owned(g.reshape(-1), p.detach().view(-1), p.detach().view(-1), group)
-            for (p, group), g in zip(pairs, grads) if g is not None]
-
-
 @torch.no_grad()
 def _norm(owned: list[_Owned], group) -> tuple[float, bool]:
     terms = []
@@ -352,7 +351,7 @@ def _publish(engine, stage: int) -> None:
             group = zero.real_dp_process_group[i]
             own = zero.parallel_partitioned_bit16_groups[i][dist.get_rank(group=group)]
             wait(all_gather_flat(flat, own.clone(), group=group), None,
-                 "all-gather of the perturbed weights", group)
+                 "all-gather of the perturbed weights")
     elif stage == 3:
         # As step() does: drop every gathered copy (the forward re-gathers from the
         # partitions), then re-gather the persistent (small) parameters kept between steps.
@@ -391,9 +390,8 @@ def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
                          f"gradient_accumulation_steps to 1 (got "
                          f"{engine.gradient_accumulation_steps()})")
     mode = optimizer.sam_mode
-    if mode == "local" and stage == 3:
-        raise ValueError("sam_mode=\"local\" needs every rank to hold full weights, which ZeRO "
-                         "stage 3 does not; use sam_mode=\"global\"")
+    if mode == "local" and stage not in LOCAL_STAGES:
+        raise ValueError(_LOCAL_STAGE_ERROR.format(stage=stage))
     if all(group["sam_rho"] == 0 for _, group in optimizer.model_params):
         loss = closure()
         engine.backward(loss)
@@ -402,7 +400,9 @@ def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
 
     loss = closure()
     if mode == "local":
-        owned = _local_grads(optimizer, loss)
+        with engine.no_sync():  # the gradients stay this replica's own
+            engine.backward(loss)
+        owned = _owned_stage0(optimizer)
         norm, finite = _norm(owned, None)  # this replica only: no communication
     else:
         engine.backward(loss)
