@@ -89,20 +89,21 @@ class Profile:
 
 ALL = tuple(OPTIMIZERS)
 
-# Sized for two CPU cores shared with other work (about half an hour for the full profile with
-# two workers): small models, data subsets and short budgets; the JSON records every size.
+# Sized for two CPU cores that were shared with other work at a load of about 15 runnable
+# processes while the committed full run was made: small models, data subsets and short budgets
+# (the image and text tasks see two short epochs). The JSON records every size.
 def _tasks(scale: int) -> tuple[TaskSpec, ...]:
     """The three tasks; ``scale`` divides the step budgets (1: full, 3: quick)."""
     return (
         TaskSpec("digits-mlp", "digits", "mlp", batch_size=32, steps=350 // scale,
                  eval_every=35 // scale, target=0.93, n_val=287,
                  model_options=dict(hidden=(128, 64))),
-        TaskSpec("fashion-cnn", "fashion-mnist", "cnn", batch_size=64, steps=96 // scale,
-                 eval_every=16 // scale, target=0.65, n_train=3072, n_val=1000, n_test=1000,
+        TaskSpec("fashion-cnn", "fashion-mnist", "cnn", batch_size=64, steps=40 // scale,
+                 eval_every=10 // scale, target=0.6, n_train=1280, n_val=512, n_test=1000,
                  model_options=dict(width=8)),
         TaskSpec("shakespeare-lm", "shakespeare", "transformer", batch_size=16,
-                 steps=160 // scale, eval_every=20 // scale, target=0.25, n_train=1280,
-                 n_val=256, n_test=512,
+                 steps=40 // scale, eval_every=10 // scale, target=0.2, n_train=320,
+                 n_val=128, n_test=256,
                  model_options=dict(d_model=32, n_heads=2, n_layers=2),
                  data_options=dict(seq_len=32), metric="next-character accuracy"),
     )
@@ -435,6 +436,26 @@ def _no_nan(value):
     raise TypeError(f"not JSON serializable: {value!r}")
 
 
+def merge(paths: list[Path], out: Path) -> dict:
+    """One result from runs of the same profile over different tasks (run side by side)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    if len({p["profile"] for p in parts}) != 1:
+        raise ValueError(f"--merge needs results of one profile, got "
+                         f"{[p['profile'] for p in parts]}")
+    merged = dict(parts[0])
+    merged["command"] = "; ".join(p["command"] for p in parts) + " (run side by side)"
+    merged["workers"] = sum(p["workers"] for p in parts)
+    merged["wall_s"] = max(p.get("wall_s", 0.0) for p in parts)
+    merged["optimizers"] = {k: v for p in parts for k, v in p["optimizers"].items()}
+    merged["tasks"] = [t for p in parts for t in p["tasks"]]
+    merged["summary"] = [r for p in parts for r in p["summary"]]
+    names = [t["task"]["name"] for t in merged["tasks"]]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--merge: a task appears twice: {names}")
+    write_json(merged, out)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -442,7 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel runs, one thread each")
     parser.add_argument("--tasks", nargs="+", default=None, help="subset of the profile's tasks")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                        help="combine results of the same profile (different tasks) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out)
+        print(f"wrote {args.out}")
+        return 0
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     command = "python benchmarks/convergence.py " + " ".join(argv if argv is not None
