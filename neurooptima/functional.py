@@ -43,6 +43,29 @@ def _bias_corrections(beta: float, steps: Sequence[int]) -> list[float]:
     return [1.0 - beta**k for k in steps]
 
 
+# On CPU, torch._foreach_mul(_) rounds a Python scalar to a bfloat16/float16 list's own dtype
+# (0.999 -> 1.0), while Tensor.mul keeps it in float32. A 0-dim float32 factor, applied in place
+# (out of place it would promote 0-dim inputs), rounds exactly as the for-loop kernels do.
+def _exact_factor(tensors: list[Tensor], factor: float) -> float | Tensor:
+    if tensors and tensors[0].device.type == "cpu" and tensors[0].dtype in (torch.bfloat16,
+                                                                            torch.float16):
+        return torch.tensor(factor, dtype=torch.float32)
+    return factor
+
+
+def _mul_(tensors: list[Tensor], factor: float) -> None:
+    torch._foreach_mul_(tensors, _exact_factor(tensors, factor))
+
+
+def _mul(tensors: list[Tensor], factor: float) -> list[Tensor]:
+    exact = _exact_factor(tensors, factor)
+    if isinstance(exact, Tensor):
+        out = [t.clone() for t in tensors]
+        torch._foreach_mul_(out, exact)
+        return out
+    return list(torch._foreach_mul(tensors, factor))
+
+
 # --------------------------------------------------------------------------------------------
 # Adan (Xie et al., arXiv 2208.06677; official sail-sg implementation)
 # --------------------------------------------------------------------------------------------
@@ -71,24 +94,24 @@ def _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grad
                   lr, betas, eps, weight_decay, no_prox):
     beta1, beta2, beta3 = betas
     d = torch._foreach_sub(grads, prev_grads)
-    torch._foreach_mul_(exp_avgs, beta1)
+    _mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_diffs, beta2)
+    _mul_(exp_avg_diffs, beta2)
     torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
-    u = torch._foreach_mul(d, beta2)
+    u = _mul(d, beta2)
     torch._foreach_add_(u, grads, alpha=1)  # g + b2 d, same rounding as the loop's g + b2*d
-    torch._foreach_mul_(exp_avg_sqs, beta3)
+    _mul_(exp_avg_sqs, beta3)
     torch._foreach_addcmul_(exp_avg_sqs, u, u, value=1 - beta3)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, [math.sqrt(bc) for bc in _bias_corrections(beta3, steps)])
     torch._foreach_add_(denom, eps)
     update = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
-    diff_term = torch._foreach_mul(exp_avg_diffs, beta2)
+    diff_term = _mul(exp_avg_diffs, beta2)
     torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
     torch._foreach_add_(update, diff_term)
     torch._foreach_div_(update, denom)
     if no_prox:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        _mul_(params, 1 - lr * weight_decay)
         torch._foreach_add_(params, update, alpha=-lr)
     else:
         torch._foreach_add_(params, update, alpha=-lr)
@@ -122,12 +145,12 @@ def _lion_for_loop(params, grads, exp_avgs, *, lr, betas, weight_decay):
 
 def _lion_foreach(params, grads, exp_avgs, *, lr, betas, weight_decay):
     beta1, beta2 = betas
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
-    c = torch._foreach_mul(exp_avgs, beta1)
+    _mul_(params, 1 - lr * weight_decay)
+    c = _mul(exp_avgs, beta1)
     torch._foreach_add_(c, grads, alpha=1 - beta1)
     torch._foreach_sign_(c)
     torch._foreach_add_(params, c, alpha=-lr)
-    torch._foreach_mul_(exp_avgs, beta2)
+    _mul_(exp_avgs, beta2)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
 
 
@@ -160,13 +183,13 @@ def _lion_adan_foreach(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps
                        weight_decay):
     beta1, beta2 = betas
     d = torch._foreach_sub(grads, prev_grads)
-    torch._foreach_mul_(exp_avgs, beta1)
+    _mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_diffs, beta2)
+    _mul_(exp_avg_diffs, beta2)
     torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
+    _mul_(params, 1 - lr * weight_decay)
     direction = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
-    diff_term = torch._foreach_mul(exp_avg_diffs, beta2)
+    diff_term = _mul(exp_avg_diffs, beta2)
     torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
     torch._foreach_add_(direction, diff_term)
     torch._foreach_sign_(direction)
