@@ -13,7 +13,9 @@ timeout when ``timeout`` is None), never a hang.
 from __future__ import annotations
 
 import datetime
+import time
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -39,20 +41,26 @@ def _nbytes(t: Tensor) -> int:
 def wait(work, timeout: datetime.timedelta | None, what: str, group=None) -> None:
     """Wait for ``work``; turn a timeout or a lost peer into a ``CollectiveError``.
 
+    With a ``timeout`` the work is polled on the host (gloo's ``wait(timeout)`` is not honoured
+    by every collective), so this rank raises after ``timeout`` even while the collective is
+    still pending in the background. With None the process group's own timeout applies.
     ``group`` is accepted for symmetry with the other helpers; the work already knows it.
     """
     if work is None:
         return
     try:
-        if timeout is None:
-            work.wait()
-        else:
-            work.wait(timeout=timeout)
+        if timeout is not None:
+            deadline = time.monotonic() + timeout.total_seconds()
+            pause = 1e-5
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {timeout.total_seconds():g} s")
+                time.sleep(pause)
+                pause = min(2 * pause, 1e-3)
+        work.wait()
     except Exception as error:  # gloo raises RuntimeError, NCCL DistBackendError
-        rank = dist.get_rank()
-        limit = f" within {timeout.total_seconds():g} s" if timeout is not None else ""
         raise CollectiveError(
-            f"{what} did not complete{limit} on rank {rank}: another rank probably raised or "
+            f"{what} failed on rank {dist.get_rank()}: another rank probably raised or "
             f"stopped before joining it ({type(error).__name__}: {error})") from error
 
 
@@ -65,9 +73,38 @@ def all_reduce_norm_stats(stats: Tensor, group=None,
     return stats
 
 
+class _AllToAllSum:
+    """A reduce-scatter made of an all-to-all and a local sum of the N received sections.
+
+    gloo's reduce-scatter all-reduces the whole buffer and keeps a chunk: it moves all-reduce
+    bytes (2 S (N-1)/N, not S (N-1)/N) and its handle can neither be polled nor time out.
+    An all-to-all sends each rank exactly the section it owns, S (N-1)/N bytes per rank as a
+    reduce-scatter should, and its handle can be polled.
+    """
+
+    def __init__(self, output: Tensor, input: Tensor, group) -> None:
+        self._output = output
+        self._received = torch.empty_like(input)
+        self._world = dist.get_world_size(group)
+        self._work = dist.all_to_all_single(self._received, input, group=group, async_op=True)
+        self._summed = False
+
+    def is_completed(self) -> bool:
+        return self._work.is_completed()
+
+    def wait(self) -> bool:
+        self._work.wait()
+        if not self._summed:
+            torch.sum(self._received.view(self._world, -1), dim=0, out=self._output)
+            self._summed = True
+        return True
+
+
 def reduce_scatter_flat(output: Tensor, input: Tensor, group=None):
     """Start a sum reduce-scatter of flat ``input`` (N equal sections) into ``output``."""
     record("reduce_scatter", _nbytes(input), dist.get_world_size(group))
+    if dist.get_backend(group) == "gloo":
+        return _AllToAllSum(output, input, group)
     return _reduce_scatter(output, input, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
