@@ -445,7 +445,7 @@ def merge(paths: list[Path], out: Path) -> dict:
     merged = dict(parts[0])
     merged["command"] = "; ".join(p["command"] for p in parts) + " (run side by side)"
     merged["workers"] = sum(p["workers"] for p in parts)
-    merged["wall_s"] = max(p.get("wall_s", 0.0) for p in parts)
+    merged["wall_s"] = sum(p.get("wall_s", 0.0) for p in parts)  # process time, not elapsed
     merged["optimizers"] = {k: v for p in parts for k, v in p["optimizers"].items()}
     merged["tasks"] = [t for p in parts for t in p["tasks"]]
     merged["summary"] = [r for p in parts for r in p["summary"]]

@@ -103,7 +103,8 @@ def _sizes_line(task_result: dict) -> str:
             f"{num(s['train'])} train / {num(s['val'])} validation / {num(s['test'])} test "
             f"examples{extra}; batch {t['batch_size']}, {num(t['steps'])} steps "
             f"({num(t['steps'] / task_result['steps_per_epoch'])} epochs), "
-            f"{t['metric']} target {pct(t['target'])} %")
+            f"{t['metric']} target {pct(t['target'])} %; the task took "
+            f"{num(task_result['wall_s'] / 60)} min")
 
 
 def convergence_table(rows: list[dict]) -> str:
@@ -228,8 +229,8 @@ def convergence_section(conv: dict, detail: bool) -> str:
     out = ["### Convergence, generalization, stability", ""]
     out.append(
         f"Profile `{conv['profile']}`, made by `{conv['command']}` "
-        f"({num(conv.get('wall_s', 0.0) / 60)} min, {conv['workers']} worker process(es), one "
-        f"thread each, {conv['environment']['cpu_count']} shared CPU cores, torch "
+        f"({conv['workers']} worker process(es) in all, one thread each, "
+        f"{conv['environment']['cpu_count']} shared CPU cores, torch "
         f"{conv['environment']['torch']}). Learning rate per optimizer: best final validation "
         f"accuracy over its 3-point grid (one seed, half the step budget); then "
         f"{conv['seeds']} seeds at that LR, mean ± standard deviation of the test accuracy. "
