@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args(argv)
     sizes = args.sizes or (["1M", "10M"] if args.quick else list(SIZES))
-    rounds = args.rounds or (3 if args.quick else 7)
-    steps = args.steps or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)
+    steps = args.steps or (2 if args.quick else 3)
     started = time.time()
     result = run(sizes, rounds, steps, args.only)
     result["meta"] = dict(

@@ -15,10 +15,12 @@ runs once per group with no gathering. The first fused step lays them out (the p
 ``.data`` and ``.grad`` become views of new flat tensors, with the same values); later steps
 find the layout intact and use it directly. Gradients keep the layout only while backward
 accumulates into them (``zero_grad(set_to_none=False)``); fresh gradients are copied once into
-a flat tensor per step. DTensor and non-contiguous parameters are left to the eager kernels.
+a flat tensor per step. DTensor, float64 and non-contiguous parameters are left to the eager
+(foreach) kernels.
 
 Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
-one kernel; hyperparameters are graph inputs, so schedules do not recompile it.
+one kernel; hyperparameters are read from a tensor inside the graph, so schedules and the
+step count do not recompile it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,17 @@ from .rules import compute_dtype_for, run_rule
 
 __all__ = ["fused_rule_", "fused_update_", "flat_view"]
 
-# Distinct dtypes (and one float re-specialisation each) add graphs per rule; the default
-# limit of 8 would silently fall back to eager for mixed-dtype models.
+# Each distinct dtype combination adds a graph per rule; the default limit of 8 would
+# silently fall back to eager for models with many dtype combinations.
 _RECOMPILE_LIMIT = 64
 
 
-def _flat_body(rule, param, grad, buffers, step, lr, betas, eps, weight_decay, no_prox,
-               compute_dtype):
+def _flat_body(rule, param, grad, buffers, scalars, n_betas, no_prox, compute_dtype):
+    # Hyperparameters arrive as one float64 tensor and are read inside the graph, so a new
+    # learning rate or step count is data, not a reason to recompile (Python floats passed
+    # directly get specialised into the graph, with guards that proved unreliable here).
+    step, lr, eps, weight_decay = [scalars[i].item() for i in range(4)]
+    betas = tuple([scalars[4 + i].item() for i in range(n_betas)])
     run_rule(rule, [param], [grad], [[b] for b in buffers], [step], lr=lr, betas=betas,
              eps=eps, weight_decay=weight_decay, no_prox=no_prox, foreach=False,
              compute_dtype=compute_dtype)
@@ -88,9 +94,11 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     multiply-adds).
     """
     fn = _compiled(rule)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        fn(param, grad, tuple(buffers), float(step), float(lr), tuple(float(b) for b in betas),
-           float(eps), float(weight_decay), bool(no_prox), compute_dtype)
+    scalars = torch.tensor([float(step), float(lr), float(eps), float(weight_decay),
+                            *map(float, betas)], dtype=torch.float64)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
+                                    capture_scalar_outputs=True):
+        fn(param, grad, tuple(buffers), scalars, len(betas), bool(no_prox), compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,7 +153,10 @@ def _flat(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | Non
 
 
 def _fusable(p: Tensor, g: Tensor) -> bool:
-    return (not is_dtensor(p) and p.is_contiguous() and g.is_contiguous()
+    # float64 stays eager: inside the compiled graph the hyperparameters are float32 values,
+    # which is exact enough for float32 and narrower parameters only.
+    return (p.dtype != torch.float64 and not is_dtensor(p) and p.is_contiguous()
+            and g.is_contiguous()
             and g.dtype == p.dtype and g.device == p.device and p.numel() > 0)
 
 

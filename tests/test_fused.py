@@ -50,9 +50,10 @@ def _train(groups, steps=STEPS, start=0, opt=None, **kwargs):
 
 
 def _assert_rel_close(actual, expected, rel, what):
-    scale = expected.detach().double().abs().max().clamp_min(1e-30)
-    err = (actual.detach().double() - expected.detach().double()).abs().max()
-    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} x {scale:.3e}"
+    """Relative error in the L2 norm: ||actual - expected|| <= rel * ||expected||."""
+    scale = expected.detach().double().norm().clamp_min(1e-30)
+    err = (actual.detach().double() - expected.detach().double()).norm()
+    assert err <= rel * scale, f"{what}: error {err:.3e} > {rel} x {scale:.3e}"
 
 
 def _compare(run_a, run_b, rel):
@@ -82,11 +83,13 @@ def test_fused_equals_foreach_with_sam_and_lookahead(rule):
 
 def test_fused_mixed_dtypes_groups_and_fallbacks():
     # float32 and float64 groups, ASAM, proximal and non-proximal decay, clipping, and a
-    # non-contiguous parameter that the fused path leaves to the foreach kernels.
+    # non-contiguous parameter: the fused path leaves float64 and non-contiguous parameters to
+    # the foreach kernels, in the same step.
     def groups():
         ps32 = _params(torch.float32, seed=1)
         ps64 = _params(torch.float64, seed=2, shapes=[(6,), (3, 5)])
-        odd = torch.nn.Parameter(torch.randn(5, 4, dtype=torch.float32).t())
+        gen = torch.Generator().manual_seed(3)
+        odd = torch.nn.Parameter(torch.randn(5, 4, generator=gen).t())
         return [dict(params=ps32 + [odd]), dict(params=ps64, no_prox=True, lr=5e-3)]
 
     common = dict(lr=1e-2, weight_decay=0.02, sam_rho=0.1, sam_adaptive=True, lookahead_k=3,
@@ -99,6 +102,7 @@ def test_fused_rule_on_a_chunk_touches_only_the_chunk():
     # What a sharded backend does: hand the kernel a slice of larger flat tensors.
     gen = torch.Generator().manual_seed(3)
     full = [torch.randn(64, generator=gen) for _ in range(6)]
+    full[4] = full[4].abs()  # a second moment is not negative
     full[5] = full[1].clone()  # prev_grad = g at k = 1
     eager = [t.clone() for t in full]
     chunk = slice(5, 37)
@@ -125,7 +129,6 @@ def test_bf16_state_sanity(rule):
         assert p_lean.dtype == torch.float32 and torch.isfinite(p_lean).all()
         # Same trajectory up to bfloat16 rounding of the state (not a different algorithm).
         _assert_rel_close(p_lean, p_full, 2e-2, rule)
-        assert not torch.equal(p_lean, p_full)
 
 
 def test_bf16_state_fused_equals_foreach():
