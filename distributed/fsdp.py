@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from neurooptima import NeuroOptima
 from neurooptima.dtensor import is_dtensor
 from neurooptima.functional import RULE_BUFFERS
+
+from .collectives import all_reduce_norm_stats
 
 __all__ = ["for_fsdp", "materialize_state", "SAM_MODES"]
 
@@ -109,8 +110,7 @@ class _AllReduceStats:
         self.group = group
 
     def __call__(self, stats: Tensor) -> Tensor:
-        dist.all_reduce(stats, group=self.group)
-        return stats
+        return all_reduce_norm_stats(stats, self.group)
 
 
 @torch.no_grad()
