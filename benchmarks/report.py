@@ -221,6 +221,12 @@ def recommendation(conv: dict) -> str | None:
         + "); betas stay at the rule's official defaults, weight decay "
         f"{num(conv['optimizers'][full[best]]['settings']['weight_decay'])} (not tuned here).")
     lines += bullets
+    stds = [r["acc_std"] for r in conv["summary"]]
+    edges = sum(r["lr_at_grid_edge"] for r in conv["summary"])
+    lines += ["", f"Caveat: the seed-to-seed standard deviation of the test accuracy averages "
+              f"{100 * statistics.fmean(stds):.2f} points over all rows, so smaller differences "
+              f"are not resolved by these runs; {edges} of {len(stds)} (task, optimizer) rows "
+              f"chose an LR at the edge of their grid, where a wider grid could move them."]
     return "\n".join(lines)
 
 
