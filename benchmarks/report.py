@@ -14,11 +14,14 @@ of flat records (``[...]`` or ``{"meta": ..., "records": [...]}``) is shown as a
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import statistics
 import sys
 from pathlib import Path
+
+from neurooptima import NeuroOptima
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -168,6 +171,12 @@ def _mean_delta(by_task, a: str, b: str, key: str) -> float | None:
     return statistics.fmean(deltas) if deltas else None
 
 
+# The code's defaults, read from the signature so the README states what the code does.
+_DEFAULTS = {name: p.default for name, p in
+             inspect.signature(NeuroOptima.__init__).parameters.items()
+             if p.default is not inspect.Parameter.empty}
+
+
 def recommendation(conv: dict) -> str | None:
     """The default update rule and hyperparameters the numbers support, with the numbers."""
     by_task = _rows_by_task(conv)
@@ -196,10 +205,11 @@ def recommendation(conv: dict) -> str | None:
         bullets.append(
             f"- SAM: with SAM minus without, mean over tasks: {100 * d_e:+.2f} points at equal "
             f"epochs, {100 * d_g:+.2f} at equal gradient evaluations; "
-            + ("it pays for its second gradient evaluation: keep `sam_rho=0.05` on by default."
-               if keep else "it does not pay for its second gradient evaluation here: default "
-               "`sam_rho=0` (SAM off), and turn it on (`sam_rho=0.05`) when the budget is "
-               "epochs rather than compute."))
+            + ("it pays for its second gradient evaluation here."
+               if keep else "it does not pay for its second gradient evaluation in these short "
+               "runs, so pass `sam_rho=0` when the budget is compute rather than epochs. The "
+               f"default stays `sam_rho={num(_DEFAULTS['sam_rho'])}`: SAM's aim is generalization "
+               "on long runs, which runs of a few hundred steps do not measure."))
     if no_la in names:
         d_e = _mean_delta(by_task, full[best], no_la, key_e)
         keep = d_e is not None and d_e >= 0
@@ -210,6 +220,8 @@ def recommendation(conv: dict) -> str | None:
                else "default `lookahead_k=0` (off)."))
     chosen = {task: [r["lr"] for r in rows if r["optimizer"] == full[best]][0]
               for task, rows in by_task.items()}
+    at_edge = all(r["lr_at_grid_edge"] for rows in by_task.values() for r in rows
+                  if r["optimizer"] == full[best])
     counts: dict[float, int] = {}
     for lr in chosen.values():
         counts[lr] = counts.get(lr, 0) + 1
@@ -218,7 +230,9 @@ def recommendation(conv: dict) -> str | None:
     bullets.append(
         f"- learning rate: `lr={lr_str(lr_default)}` (chosen per task by the grid: "
         + ", ".join(f"{task} {lr_str(lr)}" for task, lr in chosen.items())
-        + "); betas stay at the rule's official defaults, weight decay "
+        + f"); the default stays `lr={num(_DEFAULTS['lr'])}`, a conservative value"
+        + (" (the grid's choice sits at an edge of the grid on every task, so the best value is "
+           "not resolved)" if at_edge else "") + "; betas stay at the rule's official defaults, weight decay "
         f"{num(conv['optimizers'][full[best]]['settings']['weight_decay'])} (not tuned here).")
     lines += bullets
     stds = [r["acc_std"] for r in conv["summary"]]
