@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from neurooptima import NeuroOptima
+from neurooptima.optimizer import run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.sam import norm_terms, perturb_
 from neurooptima.validation import check_group
@@ -50,12 +51,6 @@ SAM_MODES = ("global", "local")
 HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
               "maximize", "foreach")
-
-_NEED_CLOSURE = ("SAM (sam_rho > 0) evaluates the gradient twice per step: pass step(closure) "
-                 "with a closure that zeroes the gradients, runs forward and backward and "
-                 "returns the loss; or call first_step() after the first backward and "
-                 "second_step() after the second; or set sam_rho=0")
-
 
 class _ShardOptimizer(NeuroOptima):
     """NeuroOptima over this rank's chunks; norm statistics are summed over the group."""
@@ -395,30 +390,7 @@ class ShardedNeuroOptima(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One optimization step on every rank; returns the closure's (first-pass) loss."""
-        if self._sam_phase is not None:
-            if closure is not None:
-                raise ValueError("step(closure) called between first_step() and "
-                                 "second_step(); call second_step() (or step() without a "
-                                 "closure) first")
-            self._finish_step()
-            return None
-        if self.sam_enabled:
-            if closure is None:
-                raise ValueError(_NEED_CLOSURE)
-            with torch.enable_grad():
-                loss = closure()
-            self.first_step()
-            self.zero_grad()
-            with torch.enable_grad():
-                closure()
-            self._finish_step()
-            return loss
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._finish_step()
-        return loss
+        return run_step(self, closure, self._finish_step)
 
     def _finish_step(self) -> None:
         self._sync_groups_to_inner()

@@ -41,6 +41,45 @@ _SAM_ORIGIN = "sam.origin"
 _SLOW = "lookahead.slow"
 
 
+NEED_CLOSURE = ("SAM (sam_rho > 0) evaluates the gradient twice per step: pass step(closure) "
+                "with a closure that zeroes the gradients, runs forward and backward and "
+                "returns the loss; or call first_step() after the first backward and "
+                "second_step() after the second; or set sam_rho=0")
+
+
+def run_step(optimizer: Any, closure: Callable[[], Tensor] | None,
+             finish: Callable[[], None]) -> Tensor | None:
+    """PyTorch's closure contract with SAM's two passes, for every NeuroOptima front end.
+
+    ``optimizer`` provides ``sam_enabled``, ``_sam_phase``, ``first_step()`` and
+    ``zero_grad()``; ``finish()`` ends the step (restore and update). Returns the first-pass
+    loss.
+    """
+    if optimizer._sam_phase is not None:  # the second half of first_step() / second_step()
+        if closure is not None:
+            raise ValueError("step(closure) called between first_step() and second_step(); "
+                             "call second_step() (or step() without a closure) first")
+        finish()
+        return None
+    if optimizer.sam_enabled:
+        if closure is None:
+            raise ValueError(NEED_CLOSURE)
+        with torch.enable_grad():
+            loss = closure()
+        optimizer.first_step()
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            closure()
+        finish()
+        return loss
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    finish()
+    return loss
+
+
 class NeuroOptima(Optimizer):
     r"""Adan, Lion or Lion-Adan with SAM/ASAM and Lookahead, each exactly as published.
 
@@ -236,35 +275,13 @@ class NeuroOptima(Optimizer):
         return the loss; it is called twice. Without a closure, ``step()`` completes a step
         begun with ``first_step()``, or (SAM off) applies the update to the current gradients.
         """
+        return run_step(self, closure, self._finish_step)
+
+    def _finish_step(self) -> None:
+        """The end of every step: undo the SAM perturbation if any, then update."""
         if self._sam_phase is not None:
-            if closure is not None:
-                raise ValueError("step(closure) called between first_step() and second_step(); "
-                                 "call second_step() (or step() without a closure) first")
             self._restore()
-            self._update()
-            return None
-        if self.sam_enabled:
-            if closure is None:
-                raise ValueError(
-                    "SAM (sam_rho > 0) evaluates the gradient twice per step: pass "
-                    "step(closure) with a closure that zeroes the gradients, runs forward and "
-                    "backward and returns the loss; or call first_step() after the first "
-                    "backward and second_step() after the second; or set sam_rho=0")
-            with torch.enable_grad():
-                loss = closure()
-            self.first_step()
-            self.zero_grad()
-            with torch.enable_grad():
-                closure()
-            self._restore()
-            self._update()
-            return loss
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         self._update()
-        return loss
 
     def _update(self) -> None:
         """Check, clip and apply the update rule to every parameter that has a gradient."""
