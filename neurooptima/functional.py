@@ -14,7 +14,6 @@ as in ``torch.optim.adamw``.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -81,7 +80,8 @@ def _adan_for_loop(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_gra
         v.mul_(beta2).add_(d, alpha=1 - beta2)
         u = g + beta2 * d
         n.mul_(beta3).addcmul_(u, u, value=1 - beta3)
-        denom = n.sqrt().div_(math.sqrt(1 - beta3**k)).add_(eps)
+        # ** 0.5 (not math.sqrt) also accepts the 0-d tensors the fused path passes.
+        denom = n.sqrt().div_((1 - beta3**k) ** 0.5).add_(eps)
         update = (m / (1 - beta1**k)).add_((beta2 * v).div_(1 - beta2**k)).div_(denom)
         if no_prox:
             p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
@@ -103,7 +103,7 @@ def _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grad
     _mul_(exp_avg_sqs, beta3)
     torch._foreach_addcmul_(exp_avg_sqs, u, u, value=1 - beta3)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(bc) for bc in _bias_corrections(beta3, steps)])
+    torch._foreach_div_(denom, [bc**0.5 for bc in _bias_corrections(beta3, steps)])
     torch._foreach_add_(denom, eps)
     update = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
     diff_term = _mul(exp_avg_diffs, beta2)

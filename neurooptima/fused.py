@@ -42,11 +42,12 @@ _RECOMPILE_LIMIT = 64
 
 
 def _flat_body(rule, param, grad, buffers, scalars, n_betas, no_prox, compute_dtype):
-    # Hyperparameters arrive as one float64 tensor and are read inside the graph, so a new
-    # learning rate or step count is data, not a reason to recompile (Python floats passed
-    # directly get specialised into the graph, with guards that proved unreliable here).
-    step, lr, eps, weight_decay = [scalars[i].item() for i in range(4)]
-    betas = tuple([scalars[4 + i].item() for i in range(n_betas)])
+    # Hyperparameters arrive as one float64 tensor and enter the kernels as 0-d tensors, so a
+    # new learning rate or step count is data, not a reason to recompile (Python floats get
+    # specialised into the graph). Not .item(): unbacked scalars made inductor recompute
+    # every scalar expression (the bias corrections' powers) per element, several times slower.
+    step, lr, eps, weight_decay = [scalars[i] for i in range(4)]
+    betas = tuple([scalars[4 + i] for i in range(n_betas)])
     run_rule(rule, [param], [grad], [[b] for b in buffers], [step], lr=lr, betas=betas,
              eps=eps, weight_decay=weight_decay, no_prox=no_prox, foreach=False,
              compute_dtype=compute_dtype)
