@@ -37,7 +37,7 @@ from neurooptima import NeuroOptima
 from neurooptima.optimizer import run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.sam import norm_terms, perturb_
-from neurooptima.validation import check_group
+from neurooptima.validation import check_group, prepare_group
 
 from .collectives import (all_gather_flat, all_reduce_norm_stats, broadcast_,
                           reduce_scatter_flat, wait)
@@ -179,13 +179,7 @@ class ShardedNeuroOptima(Optimizer):
             raise RuntimeError("ShardedNeuroOptima shards its parameters at construction; pass "
                                "every param group to the constructor")
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_group(group)
-        group.setdefault("skipped_steps", 0)
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError("ShardedNeuroOptima does not support complex parameters; "
-                                 "optimize torch.view_as_real(p) instead")
+        prepare_group(self.param_groups[-1], type(self).__name__)
 
     def _check_same_on_all_ranks(self) -> None:
         """Every rank must pass the same settings and parameter shapes; else all raise."""

@@ -28,7 +28,7 @@ from .dtensor import local, local_list, mesh_norm_stats, split_for_norm
 from .lookahead import lookahead_sync_
 from .norms import local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
-from .validation import check_group
+from .validation import check_group, prepare_group
 from . import reduced_state
 from .rules import compute_dtype_for, run_rule
 
@@ -137,12 +137,7 @@ class NeuroOptima(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_group(group)
-        group.setdefault("skipped_steps", 0)
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError("NeuroOptima does not support complex parameters; optimize "
-                                 "torch.view_as_real(p) instead")
+        prepare_group(group, type(self).__name__)
         self._init_lookahead(group)
 
     @torch.no_grad()

@@ -96,3 +96,13 @@ def check_group(group: dict) -> None:
                                         and not state_dtype.is_complex):
         raise ValueError(f"state_dtype must be None or a real floating torch.dtype (e.g. "
                          f"torch.bfloat16), got {state_dtype!r}")
+
+
+def prepare_group(group: dict, owner: str) -> None:
+    """Check a newly added param group for ``owner`` (the optimizer's class name) in place."""
+    check_group(group)
+    group.setdefault("skipped_steps", 0)
+    for p in group["params"]:
+        if p.is_complex():
+            raise ValueError(f"{owner} does not support complex parameters; optimize "
+                             "torch.view_as_real(p) instead")
