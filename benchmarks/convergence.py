@@ -21,7 +21,9 @@ variance of the per-step training loss over the last epoch (stability). ``summar
 runs to mean and standard deviation per (task, optimizer), at equal epochs (end of the budget) and
 at equal gradient evaluations (SAM optimizers at half their steps).
 
-Command line: ``python benchmarks/convergence.py --profile quick|full|smoke [--out FILE]``.
+Command line: ``python benchmarks/convergence.py --profile quick|full|smoke [--out FILE]
+[--tasks TASK ...] [--optimizers NAME ...]``; ``--merge A.json B.json --out C.json`` combines
+runs of one profile over different tasks or different optimizers.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import multiprocessing as mp
 
@@ -397,7 +400,14 @@ def environment() -> dict:
 
 
 def run(profile: Profile, out: Path, workers: int, command: str,
-        tasks: list[str] | None = None) -> dict:
+        tasks: list[str] | None = None, optimizers: list[str] | None = None) -> dict:
+    if optimizers is not None:
+        unknown = [name for name in optimizers if name not in profile.optimizers]
+        if unknown or len(set(optimizers)) != len(optimizers):
+            raise ValueError(f"--optimizers must be distinct names among "
+                             f"{list(profile.optimizers)}, got {optimizers}")
+        # Same tasks, seeds and protocol; only fewer rows (merge them with --merge).
+        profile = replace(profile, optimizers=tuple(sorted(optimizers, key=_zoo_order)))
     selected = [t for t in profile.tasks if tasks is None or t.name in tasks]
     if tasks is not None and len(selected) != len(tasks):
         known = [t.name for t in profile.tasks]
@@ -436,22 +446,52 @@ def _no_nan(value):
     raise TypeError(f"not JSON serializable: {value!r}")
 
 
+def _zoo_order(name: str) -> tuple[int, str]:
+    """Sort key: the order of ``OPTIMIZERS`` (names it does not know last)."""
+    order = list(OPTIMIZERS)
+    return (order.index(name) if name in order else len(order), name)
+
+
+def _merge_task(a: dict, b: dict) -> dict:
+    """One task's results from two runs over different optimizers (same task, same sizes)."""
+    name = a["task"]["name"]
+    for key in ("task", "sizes", "steps_per_epoch", "eval_points"):
+        if a[key] != b[key]:
+            raise ValueError(f"--merge: task {name} differs between the files in {key!r}; "
+                             f"only runs of the same task definition can be combined")
+    both = set(a["chosen_lr"]) & set(b["chosen_lr"])
+    if both:
+        raise ValueError(f"--merge: task {name} has optimizers in two files: {sorted(both)}")
+    chosen = {**a["chosen_lr"], **b["chosen_lr"]}
+    by_zoo = lambda r: _zoo_order(r["optimizer"])  # noqa: E731 (stable: seeds keep their order)
+    return dict(a, chosen_lr={k: chosen[k] for k in sorted(chosen, key=_zoo_order)},
+                selection=sorted(a["selection"] + b["selection"], key=by_zoo),
+                runs=sorted(a["runs"] + b["runs"], key=by_zoo),
+                wall_s=a["wall_s"] + b["wall_s"])
+
+
 def merge(paths: list[Path], out: Path) -> dict:
-    """One result from runs of the same profile over different tasks (run side by side)."""
+    """One result from runs of the same profile: over different tasks (run side by side), or
+    over different optimizers on the same task (rows added later)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    if len({p["profile"] for p in parts}) != 1:
-        raise ValueError(f"--merge needs results of one profile, got "
-                         f"{[p['profile'] for p in parts]}")
+    for key in ("profile", "seeds", "selection_seed"):
+        if len({p[key] for p in parts}) != 1:
+            raise ValueError(f"--merge needs results with one {key}, got "
+                             f"{[p[key] for p in parts]}")
     merged = dict(parts[0])
-    merged["command"] = "; ".join(p["command"] for p in parts) + " (run side by side)"
+    merged["command"] = "; ".join(p["command"] for p in parts) + " (merged with --merge)"
     merged["workers"] = sum(p["workers"] for p in parts)
     merged["wall_s"] = sum(p.get("wall_s", 0.0) for p in parts)  # process time, not elapsed
-    merged["optimizers"] = {k: v for p in parts for k, v in p["optimizers"].items()}
-    merged["tasks"] = [t for p in parts for t in p["tasks"]]
-    merged["summary"] = [r for p in parts for r in p["summary"]]
-    names = [t["task"]["name"] for t in merged["tasks"]]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--merge: a task appears twice: {names}")
+    optimizers = {k: v for p in parts for k, v in p["optimizers"].items()}
+    merged["optimizers"] = {k: optimizers[k] for k in sorted(optimizers, key=_zoo_order)}
+    tasks: dict[str, dict] = {}
+    for p in parts:
+        for t in p["tasks"]:
+            name = t["task"]["name"]
+            tasks[name] = _merge_task(tasks[name], t) if name in tasks else t
+    merged["tasks"] = list(tasks.values())
+    # Re-reduced from the merged runs, so a row is the same whichever file it came from.
+    merged["summary"] = [r for t in merged["tasks"] for r in summarize(t)]
     write_json(merged, out)
     return merged
 
@@ -463,8 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1,
                         help="parallel runs, one thread each")
     parser.add_argument("--tasks", nargs="+", default=None, help="subset of the profile's tasks")
+    parser.add_argument("--optimizers", nargs="+", default=None, metavar="NAME",
+                        help="subset of the profile's optimizers (names as in "
+                             "convergence_optimizers.OPTIMIZERS)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                        help="combine results of the same profile (different tasks) into --out")
+                        help="combine results of the same profile (different tasks, or different "
+                             "optimizers on the same tasks) into --out")
     args = parser.parse_args(argv)
     if args.merge:
         merge(args.merge, args.out)
@@ -472,9 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    command = "python benchmarks/convergence.py " + " ".join(argv if argv is not None
-                                                              else sys.argv[1:])
-    run(PROFILES[args.profile], args.out, args.workers, command.strip(), args.tasks)
+    command = "python benchmarks/convergence.py " + shlex.join(argv if argv is not None
+                                                                else sys.argv[1:])
+    profile = PROFILES[args.profile]
+    if args.optimizers is not None and not set(args.optimizers) <= set(profile.optimizers):
+        parser.error(f"--optimizers must be among {list(profile.optimizers)} (profile "
+                     f"{profile.name}), got {args.optimizers}")
+    run(profile, args.out, args.workers, command.strip(), args.tasks, args.optimizers)
     print(f"wrote {args.out}")
     return 0
 
