@@ -49,7 +49,7 @@ def _groups_json(optimizer: ShardedNeuroOptima) -> str:
     optimizer._sync_groups_from_inner()
     groups = []
     for group in optimizer.param_groups:
-        packed = {k: group[k] for k in HYPER_KEYS}
+        packed = {k: group.get(k) for k in HYPER_KEYS}
         packed["betas"] = list(packed["betas"])
         packed["skipped_steps"] = group["skipped_steps"]
         packed["num_params"] = len(group["params"])
@@ -133,7 +133,8 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
             raise ValueError(f"param group {i} has {len(group['params'])} parameters, the "
                              f"checkpoint's has {saved_group['num_params']}")
         for key in HYPER_KEYS:
-            group[key] = saved_group[key]
+            if key in saved_group:  # checkpoints written before an option existed lack it
+                group[key] = saved_group[key]
         group["betas"] = tuple(group["betas"])
         group["skipped_steps"] = saved_group["skipped_steps"]
         check_group(group)

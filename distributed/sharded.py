@@ -50,7 +50,7 @@ SAM_MODES = ("global", "local")
 # Every per-group setting of NeuroOptima; ``skipped_steps`` is a counter, not a setting.
 HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
-              "maximize", "foreach")
+              "maximize", "foreach", "fused")
 
 class _ShardOptimizer(NeuroOptima):
     """NeuroOptima over this rank's chunks; norm statistics are summed over the group."""
@@ -96,7 +96,9 @@ class ShardedNeuroOptima(Optimizer):
         timeout: seconds (or a timedelta) a collective may wait for its peers before this rank
             raises; None uses the process group's timeout.
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
-        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach: as ``NeuroOptima``.
+        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused: as
+            ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
+            bucket on this rank's chunks, which are already consecutive views of one buffer.
 
     Every rank must produce gradients for the same parameters in a step (as with DDP's default
     ``find_unused_parameters=False``). Accumulate micro-batches inside ``no_sync()``.
@@ -111,7 +113,7 @@ class ShardedNeuroOptima(Optimizer):
                  update: str = "adan", beta_diff: float = 0.92, no_prox: bool = False,
                  sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedNeuroOptima needs an initialized process group: call "
                                "torch.distributed.init_process_group() first (e.g. under "
@@ -134,7 +136,7 @@ class ShardedNeuroOptima(Optimizer):
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
                         eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
                         sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
-                        maximize=maximize, foreach=foreach)
+                        maximize=maximize, foreach=foreach, fused=fused)
         check_group(dict(defaults))
         self._constructed = False
         self._sam_phase: str | None = None  # None, "global" or "local" between the passes
@@ -322,7 +324,8 @@ class ShardedNeuroOptima(Optimizer):
     def _sync_groups_to_inner(self) -> None:
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
             for key in HYPER_KEYS:
-                inner[key] = outer[key]
+                if key in outer:  # groups saved before an option existed lack it
+                    inner[key] = outer[key]
             inner["skipped_steps"] = outer["skipped_steps"]
 
     def _sync_groups_from_inner(self) -> None:

@@ -24,6 +24,9 @@ from .norms import local_norm_stats
 __all__ = ["is_dtensor", "local", "local_list", "split_for_norm", "mesh_norm_stats"]
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
 def _dtensor_type() -> type | None:
     # A DTensor can only exist once its module is imported; looking it up in sys.modules keeps
     # single-process users from paying for the torch.distributed.tensor import.
@@ -32,6 +35,8 @@ def _dtensor_type() -> type | None:
 
 
 def is_dtensor(t: Tensor) -> bool:
+    if type(t) in _PLAIN:  # the common case, answered without the module lookup
+        return False
     cls = _dtensor_type()
     return cls is not None and isinstance(t, cls)
 

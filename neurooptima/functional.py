@@ -5,8 +5,13 @@ rule's buffers) plus plain hyperparameters, and updates parameters and buffers i
 single-process optimizer, the sharded optimizer and the DeepSpeed adapter all call these same
 functions; a backend never re-derives an equation.
 
-Each rule has a for-loop kernel and a multi-tensor (``torch._foreach_*``) kernel that performs
-the same operations in the same order, so both give bitwise-equal results.
+Each rule is split in two: ``*_scalars`` turns the hyperparameters and the step count ``k``
+into the scalar coefficients of the step (bias corrections, ``1 - beta``, the decay factor),
+and ``*_elementwise`` applies them to one tensor. The for-loop kernel calls the elementwise
+function per tensor; the multi-tensor (``torch._foreach_*``) kernel performs the same
+operations in the same order on lists, so both give bitwise-equal results; the fused path
+(``fused``) compiles the elementwise function over flat buffers, with the coefficients
+computed once per step outside the compiled graph.
 
 ``steps`` holds each parameter's 1-based update count ``k``; bias corrections are per tensor,
 as in ``torch.optim.adamw``.
@@ -14,12 +19,13 @@ as in ``torch.optim.adamw``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["adan", "lion", "lion_adan", "UPDATE_RULES", "RULE_BUFFERS", "DEFAULT_BETAS"]
+__all__ = ["adan", "lion", "lion_adan", "UPDATE_RULES", "RULE_BUFFERS", "DEFAULT_BETAS",
+           "AdanScalars", "LionScalars", "LionAdanScalars", "rule_scalars", "ELEMENTWISE"]
 
 # Buffers each rule keeps per parameter, in the order the kernels take them.
 RULE_BUFFERS: dict[str, tuple[str, ...]] = {
@@ -36,10 +42,6 @@ DEFAULT_BETAS: dict[str, tuple[float, ...]] = {
     "lion": (0.9, 0.99),
     "lion_adan": (0.98, 0.92),
 }
-
-
-def _bias_corrections(beta: float, steps: Sequence[int]) -> list[float]:
-    return [1.0 - beta**k for k in steps]
 
 
 # On CPU, torch._foreach_mul(_) rounds a Python scalar to a bfloat16/float16 list's own dtype
@@ -70,52 +72,72 @@ def _mul(tensors: list[Tensor], factor: float) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------
 
 
-def _adan_for_loop(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, *,
-                   lr, betas, eps, weight_decay, no_prox):
-    beta1, beta2, beta3 = betas
-    for p, g, m, v, n, g_prev, k in zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs,
-                                          prev_grads, steps):
-        d = g - g_prev
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).add_(d, alpha=1 - beta2)
-        u = g + beta2 * d
-        n.mul_(beta3).addcmul_(u, u, value=1 - beta3)
-        # ** 0.5 (not math.sqrt) also accepts the 0-d tensors the fused path passes.
-        denom = n.sqrt().div_((1 - beta3**k) ** 0.5).add_(eps)
-        update = (m / (1 - beta1**k)).add_((beta2 * v).div_(1 - beta2**k)).div_(denom)
-        if no_prox:
-            p.mul_(1 - lr * weight_decay).add_(update, alpha=-lr)
-        else:
-            p.add_(update, alpha=-lr).div_(1 + lr * weight_decay)
-        g_prev.copy_(g)
+class AdanScalars(NamedTuple):
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    beta3: float
+    one_minus_beta3: float
+    bias_correction1: float        # 1 - beta1^k
+    bias_correction2: float        # 1 - beta2^k
+    bias_correction3_sqrt: float   # sqrt(1 - beta3^k)
+    eps: float
+    neg_lr: float
+    decay: float                   # 1 - lr wd (no_prox: multiply before) or 1 + lr wd (divide after)
 
 
-def _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, *,
-                  lr, betas, eps, weight_decay, no_prox):
+def adan_scalars(k: int, *, lr: float, betas: Sequence[float], eps: float,
+                 weight_decay: float, no_prox: bool) -> AdanScalars:
     beta1, beta2, beta3 = betas
+    return AdanScalars(beta1, 1 - beta1, beta2, 1 - beta2, beta3, 1 - beta3, 1 - beta1**k,
+                       1 - beta2**k, (1 - beta3**k) ** 0.5, eps, -lr,
+                       1 - lr * weight_decay if no_prox else 1 + lr * weight_decay)
+
+
+def adan_elementwise(p: Tensor, g: Tensor, m: Tensor, v: Tensor, n: Tensor, g_prev: Tensor,
+                     s: AdanScalars, no_prox: bool) -> None:
+    """One Adan update of one tensor; ``s`` may hold floats or 0-d tensors."""
+    d = g - g_prev
+    m.mul_(s.beta1).add_(g, alpha=s.one_minus_beta1)
+    v.mul_(s.beta2).add_(d, alpha=s.one_minus_beta2)
+    u = g + s.beta2 * d
+    n.mul_(s.beta3).addcmul_(u, u, value=s.one_minus_beta3)
+    denom = n.sqrt().div_(s.bias_correction3_sqrt).add_(s.eps)
+    update = (m / s.bias_correction1).add_((s.beta2 * v).div_(s.bias_correction2)).div_(denom)
+    if no_prox:
+        p.mul_(s.decay).add_(update, alpha=s.neg_lr)
+    else:
+        p.add_(update, alpha=s.neg_lr).div_(s.decay)
+    g_prev.copy_(g)
+
+
+def _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, scalars,
+                  no_prox):
+    s = scalars[0]  # everything but the bias corrections is shared by the list
     d = torch._foreach_sub(grads, prev_grads)
-    _mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    _mul_(exp_avg_diffs, beta2)
-    torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
-    u = _mul(d, beta2)
+    _mul_(exp_avgs, s.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=s.one_minus_beta1)
+    _mul_(exp_avg_diffs, s.beta2)
+    torch._foreach_add_(exp_avg_diffs, d, alpha=s.one_minus_beta2)
+    u = _mul(d, s.beta2)
     torch._foreach_add_(u, grads, alpha=1)  # g + b2 d, same rounding as the loop's g + b2*d
-    _mul_(exp_avg_sqs, beta3)
-    torch._foreach_addcmul_(exp_avg_sqs, u, u, value=1 - beta3)
+    _mul_(exp_avg_sqs, s.beta3)
+    torch._foreach_addcmul_(exp_avg_sqs, u, u, value=s.one_minus_beta3)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [bc**0.5 for bc in _bias_corrections(beta3, steps)])
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
-    diff_term = _mul(exp_avg_diffs, beta2)
-    torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
+    torch._foreach_div_(denom, [c.bias_correction3_sqrt for c in scalars])
+    torch._foreach_add_(denom, s.eps)
+    update = torch._foreach_div(exp_avgs, [c.bias_correction1 for c in scalars])
+    diff_term = _mul(exp_avg_diffs, s.beta2)
+    torch._foreach_div_(diff_term, [c.bias_correction2 for c in scalars])
     torch._foreach_add_(update, diff_term)
     torch._foreach_div_(update, denom)
     if no_prox:
-        _mul_(params, 1 - lr * weight_decay)
-        torch._foreach_add_(params, update, alpha=-lr)
+        _mul_(params, s.decay)
+        torch._foreach_add_(params, update, alpha=s.neg_lr)
     else:
-        torch._foreach_add_(params, update, alpha=-lr)
-        torch._foreach_div_(params, 1 + lr * weight_decay)
+        torch._foreach_add_(params, update, alpha=s.neg_lr)
+        torch._foreach_div_(params, s.decay)
     torch._foreach_copy_(prev_grads, grads)
 
 
@@ -124,9 +146,15 @@ def adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
          steps: Sequence[int], *, lr: float, betas: tuple[float, float, float], eps: float,
          weight_decay: float, no_prox: bool = False, foreach: bool = False) -> None:
     """One Adan update. ``prev_grads`` must hold the first gradient at ``k = 1``."""
-    fn = _adan_foreach if foreach else _adan_for_loop
-    fn(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, steps, lr=lr,
-       betas=betas, eps=eps, weight_decay=weight_decay, no_prox=no_prox)
+    scalars = [adan_scalars(k, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            no_prox=no_prox) for k in steps]
+    if foreach:
+        _adan_foreach(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads,
+                      scalars, no_prox)
+        return
+    for p, g, m, v, n, g_prev, s in zip(params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs,
+                                         prev_grads, scalars):
+        adan_elementwise(p, g, m, v, n, g_prev, s, no_prox)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,31 +162,50 @@ def adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
 # --------------------------------------------------------------------------------------------
 
 
-def _lion_for_loop(params, grads, exp_avgs, *, lr, betas, weight_decay):
-    beta1, beta2 = betas
-    for p, g, m in zip(params, grads, exp_avgs):
-        p.mul_(1 - lr * weight_decay)
-        c = (m * beta1).add_(g, alpha=1 - beta1)
-        p.add_(c.sign_(), alpha=-lr)
-        m.mul_(beta2).add_(g, alpha=1 - beta2)
+class LionScalars(NamedTuple):
+    decay: float  # 1 - lr wd
+    beta1: float
+    one_minus_beta1: float
+    neg_lr: float
+    beta2: float
+    one_minus_beta2: float
 
 
-def _lion_foreach(params, grads, exp_avgs, *, lr, betas, weight_decay):
+def lion_scalars(k: int, *, lr: float, betas: Sequence[float], eps: float,
+                 weight_decay: float, no_prox: bool) -> LionScalars:
+    del k, eps, no_prox  # Lion has no bias correction, no eps and only decoupled decay
     beta1, beta2 = betas
-    _mul_(params, 1 - lr * weight_decay)
-    c = _mul(exp_avgs, beta1)
-    torch._foreach_add_(c, grads, alpha=1 - beta1)
+    return LionScalars(1 - lr * weight_decay, beta1, 1 - beta1, -lr, beta2, 1 - beta2)
+
+
+def lion_elementwise(p: Tensor, g: Tensor, m: Tensor, s: LionScalars,
+                     no_prox: bool = False) -> None:
+    """One Lion update of one tensor (decoupled weight decay, sign of the interpolation)."""
+    p.mul_(s.decay)
+    c = (m * s.beta1).add_(g, alpha=s.one_minus_beta1)
+    p.add_(c.sign_(), alpha=s.neg_lr)
+    m.mul_(s.beta2).add_(g, alpha=s.one_minus_beta2)
+
+
+def _lion_foreach(params, grads, exp_avgs, s):
+    _mul_(params, s.decay)
+    c = _mul(exp_avgs, s.beta1)
+    torch._foreach_add_(c, grads, alpha=s.one_minus_beta1)
     torch._foreach_sign_(c)
-    torch._foreach_add_(params, c, alpha=-lr)
-    _mul_(exp_avgs, beta2)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+    torch._foreach_add_(params, c, alpha=s.neg_lr)
+    _mul_(exp_avgs, s.beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=s.one_minus_beta2)
 
 
 def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
          betas: tuple[float, float], weight_decay: float, foreach: bool = False) -> None:
     """One Lion update (decoupled weight decay, sign of the interpolated momentum)."""
-    fn = _lion_foreach if foreach else _lion_for_loop
-    fn(params, grads, exp_avgs, lr=lr, betas=betas, weight_decay=weight_decay)
+    s = lion_scalars(0, lr=lr, betas=betas, eps=0.0, weight_decay=weight_decay, no_prox=True)
+    if foreach:
+        _lion_foreach(params, grads, exp_avgs, s)
+        return
+    for p, g, m in zip(params, grads, exp_avgs):
+        lion_elementwise(p, g, m, s)
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,34 +213,51 @@ def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, l
 # --------------------------------------------------------------------------------------------
 
 
-def _lion_adan_for_loop(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, *, lr, betas,
-                        weight_decay):
-    beta1, beta2 = betas
-    for p, g, m, v, g_prev, k in zip(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps):
-        d = g - g_prev
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
-        v.mul_(beta2).add_(d, alpha=1 - beta2)
-        p.mul_(1 - lr * weight_decay)
-        direction = (m / (1 - beta1**k)).add_((beta2 * v).div_(1 - beta2**k))
-        p.add_(direction.sign_(), alpha=-lr)
-        g_prev.copy_(g)
+class LionAdanScalars(NamedTuple):
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    decay: float  # 1 - lr wd
+    bias_correction1: float
+    bias_correction2: float
+    neg_lr: float
 
 
-def _lion_adan_foreach(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, *, lr, betas,
-                       weight_decay):
+def lion_adan_scalars(k: int, *, lr: float, betas: Sequence[float], eps: float,
+                      weight_decay: float, no_prox: bool) -> LionAdanScalars:
+    del eps, no_prox  # a sign step has no denominator; decay is decoupled
     beta1, beta2 = betas
+    return LionAdanScalars(beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay,
+                           1 - beta1**k, 1 - beta2**k, -lr)
+
+
+def lion_adan_elementwise(p: Tensor, g: Tensor, m: Tensor, v: Tensor, g_prev: Tensor,
+                          s: LionAdanScalars, no_prox: bool = False) -> None:
+    """One Lion-Adan update of one tensor."""
+    d = g - g_prev
+    m.mul_(s.beta1).add_(g, alpha=s.one_minus_beta1)
+    v.mul_(s.beta2).add_(d, alpha=s.one_minus_beta2)
+    p.mul_(s.decay)
+    direction = (m / s.bias_correction1).add_((s.beta2 * v).div_(s.bias_correction2))
+    p.add_(direction.sign_(), alpha=s.neg_lr)
+    g_prev.copy_(g)
+
+
+def _lion_adan_foreach(params, grads, exp_avgs, exp_avg_diffs, prev_grads, scalars):
+    s = scalars[0]
     d = torch._foreach_sub(grads, prev_grads)
-    _mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    _mul_(exp_avg_diffs, beta2)
-    torch._foreach_add_(exp_avg_diffs, d, alpha=1 - beta2)
-    _mul_(params, 1 - lr * weight_decay)
-    direction = torch._foreach_div(exp_avgs, _bias_corrections(beta1, steps))
-    diff_term = _mul(exp_avg_diffs, beta2)
-    torch._foreach_div_(diff_term, _bias_corrections(beta2, steps))
+    _mul_(exp_avgs, s.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=s.one_minus_beta1)
+    _mul_(exp_avg_diffs, s.beta2)
+    torch._foreach_add_(exp_avg_diffs, d, alpha=s.one_minus_beta2)
+    _mul_(params, s.decay)
+    direction = torch._foreach_div(exp_avgs, [c.bias_correction1 for c in scalars])
+    diff_term = _mul(exp_avg_diffs, s.beta2)
+    torch._foreach_div_(diff_term, [c.bias_correction2 for c in scalars])
     torch._foreach_add_(direction, diff_term)
     torch._foreach_sign_(direction)
-    torch._foreach_add_(params, direction, alpha=-lr)
+    torch._foreach_add_(params, direction, alpha=s.neg_lr)
     torch._foreach_copy_(prev_grads, grads)
 
 
@@ -202,6 +266,30 @@ def lion_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               lr: float, betas: tuple[float, float], weight_decay: float,
               foreach: bool = False) -> None:
     """One Lion-Adan update. ``prev_grads`` must hold the first gradient at ``k = 1``."""
-    fn = _lion_adan_foreach if foreach else _lion_adan_for_loop
-    fn(params, grads, exp_avgs, exp_avg_diffs, prev_grads, steps, lr=lr, betas=betas,
-       weight_decay=weight_decay)
+    scalars = [lion_adan_scalars(k, lr=lr, betas=betas, eps=0.0, weight_decay=weight_decay,
+                                 no_prox=True) for k in steps]
+    if foreach:
+        _lion_adan_foreach(params, grads, exp_avgs, exp_avg_diffs, prev_grads, scalars)
+        return
+    for p, g, m, v, g_prev, s in zip(params, grads, exp_avgs, exp_avg_diffs, prev_grads,
+                                      scalars):
+        lion_adan_elementwise(p, g, m, v, g_prev, s)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-rule tables for the fused path: scalars outside the compiled graph, elementwise inside
+# --------------------------------------------------------------------------------------------
+
+SCALARS: dict[str, Callable[..., Any]] = {
+    "adan": adan_scalars, "lion": lion_scalars, "lion_adan": lion_adan_scalars}
+SCALAR_TYPES: dict[str, type] = {
+    "adan": AdanScalars, "lion": LionScalars, "lion_adan": LionAdanScalars}
+ELEMENTWISE: dict[str, Callable[..., None]] = {
+    "adan": adan_elementwise, "lion": lion_elementwise, "lion_adan": lion_adan_elementwise}
+
+
+def rule_scalars(rule: str, k: int, *, lr: float, betas: Sequence[float], eps: float,
+                 weight_decay: float, no_prox: bool) -> tuple[float, ...]:
+    """The coefficients of one step of ``rule`` at update count ``k``, as Python floats."""
+    return SCALARS[rule](k, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         no_prox=no_prox)

@@ -2,7 +2,7 @@
 
 An optimizer step is bound by memory traffic: Adan reads ``w, g, m, v, n, g_prev`` and writes
 ``w, m, v, n, g_prev`` (44 bytes per float32 parameter), and the eager kernels move several times
-that through temporaries. Here ``rules.run_rule`` (the eager dispatch to ``functional``, with the
+that through temporaries. Here ``rules.run_elementwise`` (the rule's elementwise kernel from ``functional``, with the
 optional upcast of reduced-precision state) is compiled by ``torch.compile`` (inductor) for one
 flat tensor per buffer, so each element is loaded once, updated in registers and stored once.
 There is no second copy of the equations: the compiled graph is traced from the same kernels.
@@ -19,8 +19,9 @@ a flat tensor per step. DTensor, float64 and non-contiguous parameters are left 
 (foreach) kernels.
 
 Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
-one kernel; hyperparameters are read from a tensor inside the graph, so schedules and the
-step count do not recompile it.
+one kernel. The step's coefficients (``functional.rule_scalars``: bias corrections, ``1 - beta``,
+the decay factor) are computed in Python once per step and read from a tensor inside the
+graph, so schedules and the step count do not recompile it.
 """
 
 from __future__ import annotations
@@ -32,25 +33,25 @@ import torch
 from torch import Tensor
 
 from .dtensor import is_dtensor
-from .rules import compute_dtype_for, run_rule
+from .norms import local_norm_stats
+from . import functional as F
+from .rules import compute_dtype_for, run_elementwise
 
-__all__ = ["fused_rule_", "fused_update_", "flat_view"]
+__all__ = ["fused_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_", "flat_view"]
 
 # Each distinct dtype combination adds a graph per rule; the default limit of 8 would
 # silently fall back to eager for models with many dtype combinations.
 _RECOMPILE_LIMIT = 64
 
 
-def _flat_body(rule, param, grad, buffers, scalars, n_betas, no_prox, compute_dtype):
-    # Hyperparameters arrive as one float64 tensor and enter the kernels as 0-d tensors, so a
-    # new learning rate or step count is data, not a reason to recompile (Python floats get
-    # specialised into the graph). Not .item(): unbacked scalars made inductor recompute
-    # every scalar expression (the bias corrections' powers) per element, several times slower.
-    step, lr, eps, weight_decay = [scalars[i] for i in range(4)]
-    betas = tuple([scalars[4 + i] for i in range(n_betas)])
-    run_rule(rule, [param], [grad], [[b] for b in buffers], [step], lr=lr, betas=betas,
-             eps=eps, weight_decay=weight_decay, no_prox=no_prox, foreach=False,
-             compute_dtype=compute_dtype)
+def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype):
+    # The step's coefficients (bias corrections, 1 - beta, decay) arrive precomputed in one
+    # float64 tensor and enter the kernel as 0-d tensors: a new learning rate or step count is
+    # data, not a reason to recompile (Python floats are specialised into the graph), and no
+    # power or other scalar expression is left for inductor to evaluate per element.
+    fields = F.SCALAR_TYPES[rule]._fields
+    s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(len(fields))])
+    run_elementwise(rule, param, grad, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
 
 
 # One Python function per rule, so each rule has its own compile cache.
@@ -95,11 +96,12 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     multiply-adds).
     """
     fn = _compiled(rule)
-    scalars = torch.tensor([float(step), float(lr), float(eps), float(weight_decay),
-                            *map(float, betas)], dtype=torch.float64)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT,
-                                    capture_scalar_outputs=True):
-        fn(param, grad, tuple(buffers), scalars, len(betas), bool(no_prox), compute_dtype)
+    scalars = torch.tensor(F.rule_scalars(rule, int(step), lr=float(lr),
+                                          betas=tuple(map(float, betas)), eps=float(eps),
+                                          weight_decay=float(weight_decay),
+                                          no_prox=bool(no_prox)), dtype=torch.float64)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        fn(param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------
@@ -153,6 +155,56 @@ def _flat(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | Non
     return flat if flat is not None else _gather(tensors, rebind)
 
 
+def _flat_runs(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Flat tensors over the maximal runs (two or more) of consecutive views, and the rest."""
+    runs: list[list[Tensor]] = []
+    for t in tensors:
+        last = runs[-1][-1] if runs else None
+        if (last is not None and t.dtype == last.dtype and t.device == last.device
+                and t.data_ptr() == last.data_ptr() + last.numel() * last.element_size()):
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    flats, rest = [], []
+    for run in runs:
+        flat = flat_view(run) if len(run) > 1 else None
+        if flat is None:
+            rest += run
+        else:
+            flats.append(flat)
+    return flats, rest
+
+
+def _sum_of_squares(flat: Tensor) -> Tensor:
+    return flat.to(torch.float64).square().sum()
+
+
+def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """``norms.local_norm_stats`` with one compiled pass per flat run of ``tensors``.
+
+    The eager statistics convert every tensor to float64 before its norm (a full copy); the
+    compiled reduction converts element by element while it reads, so it costs one read of
+    the gradients. It needs no separate finiteness test: the square of any finite float32 (or
+    narrower) value is far below float64's range, so the float64 sum of squares is finite
+    exactly when every entry is. float64 runs, whose squares can overflow, stay eager.
+    """
+    if device is None and tensors:
+        device = tensors[0].device
+    flats, rest = _flat_runs([t for t in tensors if t.dtype != torch.float64])
+    stats = local_norm_stats(rest + [t for t in tensors if t.dtype == torch.float64], device)
+    if flats:
+        fn = _COMPILED.get("sum_of_squares")
+        if fn is None:
+            fn = _COMPILED["sum_of_squares"] = torch.compile(_sum_of_squares, dynamic=True,
+                                                             fullgraph=True)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            sums = torch.stack([fn(flat).to(stats.device) for flat in flats])
+        finite = torch.isfinite(sums)
+        stats[0] += torch.where(finite, sums, 0.0).sum()
+        stats[1] += (~finite).sum()
+    return stats
+
+
 def _fusable(p: Tensor, g: Tensor) -> bool:
     # float64 stays eager: inside the compiled graph the hyperparameters are float32 values,
     # which is exact enough for float32 and narrower parameters only.
@@ -162,14 +214,53 @@ def _fusable(p: Tensor, g: Tensor) -> bool:
 
 
 @torch.no_grad()
+def adopt_grads_(params: Sequence[Tensor]) -> None:
+    """Lay the gradients of ``params`` out as consecutive views of one flat tensor per
+    (device, dtype), copying them once if backward left them apart.
+
+    Done before the gradient statistics, so the norm and the update both read one flat run;
+    backward keeps accumulating into the views while gradients are zeroed, not set to None.
+    """
+    buckets: dict[tuple, list[Tensor]] = defaultdict(list)
+    for p in params:
+        g = p.grad
+        if g is not None and not g.is_sparse and _fusable(p, g):
+            buckets[(p.device, p.dtype)].append(p)
+    for ps in buckets.values():
+        if len(ps) > 1:
+            _flat([p.grad for p in ps], lambda j, v, ps=ps: setattr(ps[j], "grad", v))
+
+
+def _runs(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped into maximal runs of consecutive, contiguous views."""
+    runs: list[list[int]] = []
+    end = None
+    for i, t in enumerate(tensors):
+        if end is not None and t.data_ptr() == end and t.is_contiguous():
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+        end = t.data_ptr() + t.numel() * t.element_size() if t.is_contiguous() else None
+    return runs
+
+
+def _owns_storage(t: Tensor) -> bool:
+    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@torch.no_grad()
 def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
                   params: list[Tensor], grads: list[Tensor], names: Sequence[str],
                   steps: Sequence[int]) -> list[int]:
     """Apply ``group``'s rule to ``params`` in flat groups; returns the indices left undone.
 
-    ``state[p][name]`` holds each parameter's buffers (``names`` in kernel order) and is
-    rebound to views of the flat buffers. ``grads[i]`` is rebound into the flat layout only
-    when it is ``params[i].grad`` itself (not a clipped or negated copy).
+    Parameters that each own their storage (a fresh model) are moved once into one flat tensor
+    per (device, dtype, step count). Parameters that are views of someone else's buffer (the
+    sharded optimizer's chunks, or a layout made by an earlier step) are never moved: the
+    kernel runs once per run of consecutive views. ``state[p][name]`` holds each parameter's
+    buffers (``names`` in kernel order) and is rebound to views of flat buffers when needed.
+    ``grads[i]`` is rebound into the flat layout only when it is ``params[i].grad`` itself
+    (not a clipped or negated copy).
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     rest: list[int] = []
@@ -181,17 +272,28 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     state_dtype = group.get("state_dtype")
     for (_, dtype, step), idx in buckets.items():
         ps = [params[i] for i in idx]
-        gs = [grads[i] for i in idx]
-        flat_p = _flat(ps, lambda j, v: setattr(ps[j], "data", v))
-        own_grads = all(g is p.grad for p, g in zip(ps, gs))
-        flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
-        flat_bufs = []
-        for name in names:
-            def rebind(j, v, name=name):
-                state[ps[j]][name] = v
-            flat_bufs.append(_flat([state[p][name] for p in ps], rebind))
+        if flat_view(ps) is None and all(_owns_storage(p) for p in ps):
+            _gather(ps, lambda j, v: setattr(ps[j], "data", v))
         compute = compute_dtype_for(dtype, state_dtype)
-        fused_rule_(group["update"], flat_p, flat_g, flat_bufs, step, lr=group["lr"],
-                    betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                    no_prox=group["no_prox"], compute_dtype=compute)
+        for run in _runs(ps):
+            _update_run(state, group, [ps[j] for j in run], [grads[idx[j]] for j in run],
+                        names, step, compute)
     return rest
+
+
+def _update_run(state, group, ps, gs, names, step, compute_dtype) -> None:
+    flat_p = flat_view(ps)
+    if flat_p is None:  # adjacent by chance but separate allocations: one tensor at a time
+        for p, g in zip(ps, gs):
+            _update_run(state, group, [p], [g], names, step, compute_dtype)
+        return
+    own_grads = all(g is p.grad for p, g in zip(ps, gs))
+    flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
+    flat_bufs = []
+    for name in names:
+        def rebind(j, v, name=name):
+            state[ps[j]][name] = v
+        flat_bufs.append(_flat([state[p][name] for p in ps], rebind))
+    fused_rule_(group["update"], flat_p, flat_g, flat_bufs, step, lr=group["lr"],
+                betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                no_prox=group["no_prox"], compute_dtype=compute_dtype)

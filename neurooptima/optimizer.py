@@ -162,6 +162,10 @@ class NeuroOptima(Optimizer):
 
         Gradients of DTensor parameters come back as their local shards (see ``dtensor``).
         """
+        if group.get("fused"):
+            from .fused import adopt_grads_  # torch.compile is imported only when used
+
+            adopt_grads_(group["params"])
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -191,7 +195,13 @@ class NeuroOptima(Optimizer):
         per mesh, plain ones go through ``_reduce_norm_stats``.
         """
         plain, sharded = split_for_norm(tensors, tensors if owners is None else owners)
-        stats = self._reduce_norm_stats(local_norm_stats(plain))
+        if any(group.get("fused") for group in self.param_groups):
+            from .fused import fused_norm_stats
+
+            local_stats = fused_norm_stats(plain)
+        else:
+            local_stats = local_norm_stats(plain)
+        stats = self._reduce_norm_stats(local_stats)
         if sharded:
             stats = stats.cpu() + mesh_norm_stats(sharded)
         return norm_from_stats(stats)
@@ -312,8 +322,8 @@ class NeuroOptima(Optimizer):
                     grads: list[Tensor]) -> None:
         rule = group["update"]
         names = [f"{rule}.{b}" for b in F.RULE_BUFFERS[rule]]
-        for p, g in zip(params, grads):
-            state = self.state[p]
+        states = [self.state[p] for p in params]
+        for p, g, state in zip(params, grads, states):
             if names[0] not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 for name in names:
@@ -323,11 +333,12 @@ class NeuroOptima(Optimizer):
                     if name.endswith("prev_grad"):
                         # Adan's difference is 0 at k = 1: the previous gradient starts as g.
                         local(state[name]).copy_(g)
-            state["step"] += 1
+        counters = [state["step"] for state in states]
+        torch._foreach_add_(counters, 1)
         if group.get("fused"):
             from .fused import fused_update_  # torch.compile is imported only when used
 
-            steps = [int(self.state[p]["step"].item()) for p in params]
+            steps = [int(k) for k in torch.stack(counters).tolist()]
             rest = fused_update_(self.state, group, params, grads, names, steps)
             params, grads = [params[i] for i in rest], [grads[i] for i in rest]
             if not params:

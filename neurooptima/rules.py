@@ -6,8 +6,9 @@ float32 parameters), they are upcast, the very same kernel runs on the upcast co
 results are rounded back into storage (round to nearest even, no stochastic rounding). Only the
 storage is narrow: every equation is evaluated in ``compute_dtype``.
 
-The eager path calls this on lists of tensors; ``fused`` compiles the same function applied to
-one flat tensor per buffer, so the upcast, the math and the downcast become one pass.
+The eager path calls ``run_rule`` on lists of tensors; ``fused`` compiles ``run_elementwise``
+(the same elementwise kernel, coefficients precomputed) for one flat tensor per buffer, so the
+upcast, the math and the downcast become one pass.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["run_rule", "compute_dtype_for"]
+__all__ = ["run_rule", "run_elementwise", "compute_dtype_for"]
 
 
 def compute_dtype_for(param_dtype: torch.dtype,
@@ -35,6 +36,11 @@ def compute_dtype_for(param_dtype: torch.dtype,
     return None if wide == param_dtype == state_dtype else wide
 
 
+def _upcast(buffers: Sequence[Tensor], compute_dtype: torch.dtype | None) -> list[Tensor]:
+    return [b if compute_dtype is None or b.dtype == compute_dtype else b.to(compute_dtype)
+            for b in buffers]
+
+
 def run_rule(rule: str, params: list[Tensor], grads: list[Tensor],
              buffers: Sequence[list[Tensor]], steps: Sequence[float], *, lr: float,
              betas: tuple[float, ...], eps: float, weight_decay: float, no_prox: bool,
@@ -44,8 +50,7 @@ def run_rule(rule: str, params: list[Tensor], grads: list[Tensor],
     Buffers whose dtype differs from ``compute_dtype`` are upcast for the math and written
     back afterwards; ``None`` runs the kernel on the buffers as they are.
     """
-    work = [[b if compute_dtype is None or b.dtype == compute_dtype else b.to(compute_dtype)
-             for b in blist] for blist in buffers]
+    work = [_upcast(blist, compute_dtype) for blist in buffers]
     if rule == "adan":
         F.adan(params, grads, *work, steps, lr=lr, betas=betas, eps=eps,
                weight_decay=weight_decay, no_prox=no_prox, foreach=foreach)
@@ -65,3 +70,17 @@ def run_rule(rule: str, params: list[Tensor], grads: list[Tensor],
         for b, w in zip(blist, wlist):
             if w is not b:
                 b.copy_(w)
+
+
+def run_elementwise(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
+                    scalars: tuple, *, no_prox: bool,
+                    compute_dtype: torch.dtype | None = None) -> None:
+    """``rule``'s elementwise update of one tensor with precomputed ``scalars``.
+
+    The fused path compiles this for flat buffers; ``scalars`` are then 0-d tensors.
+    """
+    work = _upcast(buffers, compute_dtype)
+    F.ELEMENTWISE[rule](param, grad, *work, scalars, no_prox)
+    for b, w in zip(buffers, work):
+        if w is not b:
+            b.copy_(w)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from neurooptima import RULE_BUFFERS, UPDATE_RULES, NeuroOptima
-from neurooptima.fused import flat_view, fused_rule_
+from neurooptima.fused import flat_view, fused_norm_stats, fused_rule_
+from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.rules import run_rule
 
 SHAPES = [(7, 3), (5,), (4, 4), (13,)]
@@ -223,3 +224,43 @@ def test_bad_options():
         NeuroOptima(p, fused="yes")
     with pytest.raises(ValueError, match="state_dtype"):
         NeuroOptima(p, state_dtype=torch.int8)
+
+
+def test_norm_stats_over_flat_runs_equal_the_eager_ones():
+    flat = torch.randn(1000, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
+    run = list(flat.split([100, 250, 650]))
+    apart = [torch.randn(7), torch.randn(3, 2, dtype=torch.float64)]
+    tensors = run[:2] + apart + run[2:]  # runs broken by tensors of other storages
+    fused_norm, fused_finite = norm_from_stats(fused_norm_stats(tensors))
+    eager_norm, eager_finite = norm_from_stats(local_norm_stats(tensors))
+    assert fused_finite and eager_finite
+    assert abs(fused_norm - eager_norm) <= 1e-12 * eager_norm
+    # Finite values whose squares overflow float32 are finite; inf and nan are not.
+    flat[5] = 3e38
+    assert norm_from_stats(fused_norm_stats(run))[1]
+    assert norm_from_stats(fused_norm_stats(run))[0] >= 3e38
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        flat[600] = bad
+        assert not norm_from_stats(fused_norm_stats(run))[1]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_fused_nonfinite_gradient_skips_the_whole_step(bad):
+    params = _params()
+    opt = NeuroOptima(params, lr=1e-2, weight_decay=0.1, sam_rho=0.0, lookahead_k=0,
+                      update="adan", fused=True)
+    for k in range(2):  # the second step finds gradients and weights in one flat layout
+        opt.zero_grad(set_to_none=False)
+        _loss(params, k).backward()
+        opt.step()
+    assert flat_view([p.grad for p in params]) is not None
+    before = ([p.detach().clone() for p in params],
+              [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
+    opt.zero_grad(set_to_none=False)
+    _loss(params, 2).backward()
+    params[2].grad[1, 1] = bad
+    opt.step()
+    assert opt.param_groups[0]["skipped_steps"] == 1
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    assert all(torch.equal(opt.state[p][k], v) for p, s in zip(params, before[1])
+               for k, v in s.items())
