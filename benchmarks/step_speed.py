@@ -25,7 +25,9 @@ Output (JSON, default ``benchmarks/results/step_speed.json``): ``{"meta": {...},
     optimizer        str    "neurooptima", "torch.AdamW", "pytorch_optimizer.Adan", ...
     rule             str    update rule: "adan", "lion", "lion_adan", "adamw"
     implementation   str    "for_loop", "foreach", "fused", "fused_fresh_grads",
-                            "fused_bf16_state", "default" (the library's own choice)
+                            "fused_bf16_state", "default" (the library's own choice),
+                            "fused_update_pass" (the compiled update pass alone, without
+                            the gradient check and the step's bookkeeping)
     label            str    short display name, e.g. "NeuroOptima adan fused"
     time_ms          float  median step time, milliseconds
     time_ms_min      float  fastest step, milliseconds
@@ -54,7 +56,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from neurooptima import NeuroOptima
+from neurooptima import RULE_BUFFERS, NeuroOptima
+from neurooptima.fused import flat_view, fused_rule_
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_speed.json"
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
@@ -112,6 +115,11 @@ def candidates() -> list[Candidate]:
                                                          sam_rho=0.0, lookahead_k=0,
                                                          update=rule, **kw),
                 _bytes_per_param(rule)))
+    for rule in ("adan", "lion"):
+        out.append(Candidate(
+            f"NeuroOptima {rule} fused, update pass only", "neurooptima", rule,
+            "fused_update_pass", lambda ps, rule=rule: _UpdatePassOnly(ps, rule),
+            _bytes_per_param(rule)))
     out.append(Candidate(
         "NeuroOptima adan fused, fresh grads", "neurooptima", "adan", "fused_fresh_grads",
         lambda ps: NeuroOptima(ps, lr=1e-4, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
@@ -122,6 +130,37 @@ def candidates() -> list[Candidate]:
                                fused=True, state_dtype=torch.bfloat16),
         _bytes_per_param("adan", state_bytes=2)))
     return out
+
+
+class _UpdatePassOnly:
+    """The compiled update pass of ``fused=True`` alone, on the optimizer's own flat buffers.
+
+    A fused ``step()`` is this pass plus the gradient check (one read of the gradients, so that
+    non-finite gradients never reach the weights) and the per-step bookkeeping in Python;
+    timing the pass alone shows how close the kernel itself is to memory bandwidth.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], rule: str) -> None:
+        self.opt = NeuroOptima(params, lr=1e-4, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
+                               update=rule, fused=True)
+        self.opt.step()  # lays parameters, gradients and buffers out flat
+        state = [self.opt.state[p] for p in params]
+        self.rule = rule
+        self.flat_p = flat_view(params)
+        self.flat_g = flat_view([p.grad for p in params])
+        self.flat_bufs = [flat_view([s[f"{rule}.{name}"] for s in state])
+                          for name in RULE_BUFFERS[rule]]
+        if self.flat_p is None or self.flat_g is None or None in self.flat_bufs:
+            raise RuntimeError("the fused step did not lay the buffers out flat")
+        self.group = self.opt.param_groups[0]
+        self.k = 1
+
+    def step(self) -> None:
+        self.k += 1
+        g = self.group
+        fused_rule_(self.rule, self.flat_p, self.flat_g, self.flat_bufs, self.k, lr=g["lr"],
+                    betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"],
+                    no_prox=g["no_prox"])
 
 
 def _model(numel: int, tensors: int, seed: int = 0) -> tuple[list[torch.nn.Parameter],

@@ -26,6 +26,8 @@ graph, so schedules and the step count do not recompile it.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
@@ -118,13 +120,15 @@ def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """
     first = tensors[0]
     itemsize = first.element_size()
-    start = first.data_ptr()
-    ptr = start
-    for t in tensors:
-        if t.data_ptr() != ptr or not t.is_contiguous() or t.dtype != first.dtype:
-            return None
-        ptr += t.numel() * itemsize
-    total = (ptr - start) // itemsize
+    # One comprehension per property: this check runs several times a step.
+    ptrs = [t.data_ptr() for t in tensors]
+    sizes = [t.numel() * itemsize for t in tensors]
+    if ptrs != list(itertools.accumulate(sizes[:-1], initial=ptrs[0])):
+        return None
+    if not all([t.is_contiguous() for t in tensors]) or {t.dtype for t in tensors} != {
+            first.dtype}:
+        return None
+    total = (ptrs[-1] + sizes[-1] - ptrs[0]) // itemsize
     storage = first.untyped_storage()
     offset = first.storage_offset()
     if (offset + total) * itemsize > storage.nbytes():
@@ -179,29 +183,37 @@ def _sum_of_squares(flat: Tensor) -> Tensor:
     return flat.to(torch.float64).square().sum()
 
 
-def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
-    """``norms.local_norm_stats`` with one compiled pass per flat run of ``tensors``.
+def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, *,
+                     norm: bool = True) -> Tensor:
+    """``norms.local_norm_stats`` with one pass per flat run of ``tensors``.
 
-    The eager statistics convert every tensor to float64 before its norm (a full copy); the
+    The eager statistics convert every tensor to float64 before its norm (a full copy); here a
     compiled reduction converts element by element while it reads, so it costs one read of
     the gradients. It needs no separate finiteness test: the square of any finite float32 (or
     narrower) value is far below float64's range, so the float64 sum of squares is finite
-    exactly when every entry is. float64 runs, whose squares can overflow, stay eager.
+    exactly when every entry is. float64 runs, whose squares can overflow, stay eager. With
+    ``norm=False`` a run is first checked with a plain sum in its own dtype (inf and nan
+    propagate through it); only a non-finite sum, which an overflow can also cause, is decided
+    by the float64 sum of squares. The count is of non-finite runs and tensors; only zero
+    matters.
     """
     if device is None and tensors:
         device = tensors[0].device
     flats, rest = _flat_runs([t for t in tensors if t.dtype != torch.float64])
-    stats = local_norm_stats(rest + [t for t in tensors if t.dtype == torch.float64], device)
+    stats = local_norm_stats(rest + [t for t in tensors if t.dtype == torch.float64], device,
+                             norm=norm)
+    if not norm:
+        flats = [flat for flat in flats if not math.isfinite(flat.sum().item())]
     if flats:
         fn = _COMPILED.get("sum_of_squares")
         if fn is None:
             fn = _COMPILED["sum_of_squares"] = torch.compile(_sum_of_squares, dynamic=True,
                                                              fullgraph=True)
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            sums = torch.stack([fn(flat).to(stats.device) for flat in flats])
-        finite = torch.isfinite(sums)
-        stats[0] += torch.where(finite, sums, 0.0).sum()
-        stats[1] += (~finite).sum()
+            sums = [fn(flat).item() for flat in flats]
+        if norm:
+            stats[0] += math.fsum(x for x in sums if math.isfinite(x))
+        stats[1] += sum(not math.isfinite(x) for x in sums)
     return stats
 
 
@@ -229,6 +241,20 @@ def adopt_grads_(params: Sequence[Tensor]) -> None:
     for ps in buckets.values():
         if len(ps) > 1:
             _flat([p.grad for p in ps], lambda j, v, ps=ps: setattr(ps[j], "grad", v))
+
+
+def flat_counters(states: Sequence[dict[str, Any]]) -> list[int]:
+    """Advance every ``state["step"]`` by one and return the new counts.
+
+    The 0-d counters are laid out once as views of one tensor, so the increment is one op, not
+    one per parameter.
+    """
+    counters = [state["step"] for state in states]
+    flat = flat_view(counters)
+    if flat is None:
+        flat = _gather(counters, lambda j, v: states[j].__setitem__("step", v))
+    flat.add_(1)
+    return [int(k) for k in flat.tolist()]
 
 
 def _runs(tensors: Sequence[Tensor]) -> list[list[int]]:
@@ -272,20 +298,24 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     state_dtype = group.get("state_dtype")
     for (_, dtype, step), idx in buckets.items():
         ps = [params[i] for i in idx]
-        if flat_view(ps) is None and all(_owns_storage(p) for p in ps):
-            _gather(ps, lambda j, v: setattr(ps[j], "data", v))
+        gs = [grads[i] for i in idx]
         compute = compute_dtype_for(dtype, state_dtype)
+        flat_p = flat_view(ps)
+        if flat_p is None and all(_owns_storage(p) for p in ps):
+            flat_p = _gather(ps, lambda j, v: setattr(ps[j], "data", v))
+        if flat_p is not None:
+            _update_run(state, group, ps, gs, names, step, compute, flat_p)
+            continue
         for run in _runs(ps):
-            _update_run(state, group, [ps[j] for j in run], [grads[idx[j]] for j in run],
-                        names, step, compute)
+            _update_run(state, group, [ps[j] for j in run], [gs[j] for j in run], names, step,
+                        compute, flat_view([ps[j] for j in run]))
     return rest
 
 
-def _update_run(state, group, ps, gs, names, step, compute_dtype) -> None:
-    flat_p = flat_view(ps)
+def _update_run(state, group, ps, gs, names, step, compute_dtype, flat_p) -> None:
     if flat_p is None:  # adjacent by chance but separate allocations: one tensor at a time
         for p, g in zip(ps, gs):
-            _update_run(state, group, [p], [g], names, step, compute_dtype)
+            _update_run(state, group, [p], [g], names, step, compute_dtype, flat_view([p]))
         return
     own_grads = all(g is p.grad for p, g in zip(ps, gs))
     flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)

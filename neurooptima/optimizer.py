@@ -186,21 +186,22 @@ class NeuroOptima(Optimizer):
         """
         return stats
 
-    def _global_norm(self, tensors: list[Tensor],
-                     owners: list[Tensor] | None = None) -> tuple[float, bool]:
+    def _global_norm(self, tensors: list[Tensor], owners: list[Tensor] | None = None, *,
+                     norm: bool = True) -> tuple[float, bool]:
         """Global L2 norm of ``tensors`` and whether all are finite.
 
         ``owners[i]`` is the parameter whose placement ``tensors[i]`` shares (default: the
         tensor itself): DTensor contributions are summed over their mesh with one all-reduce
-        per mesh, plain ones go through ``_reduce_norm_stats``.
+        per mesh, plain ones go through ``_reduce_norm_stats``. ``norm=False``: only the
+        finiteness is needed (the returned norm is then 0), which costs less to establish.
         """
         plain, sharded = split_for_norm(tensors, tensors if owners is None else owners)
         if any(group.get("fused") for group in self.param_groups):
             from .fused import fused_norm_stats
 
-            local_stats = fused_norm_stats(plain)
+            local_stats = fused_norm_stats(plain, norm=norm)
         else:
-            local_stats = local_norm_stats(plain)
+            local_stats = local_norm_stats(plain, norm=norm)
         stats = self._reduce_norm_stats(local_stats)
         if sharded:
             stats = stats.cpu() + mesh_norm_stats(sharded)
@@ -291,8 +292,11 @@ class NeuroOptima(Optimizer):
     def _update(self) -> None:
         """Check, clip and apply the update rule to every parameter that has a gradient."""
         per_group = [self._grads(group) for group in self.param_groups]
+        # The norm's value matters only for clipping; every step checks finiteness.
+        clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
         norm, finite = self._global_norm([g for _, grads in per_group for g in grads],
-                                         [p for params, _ in per_group for p in params])
+                                         [p for params, _ in per_group for p in params],
+                                         norm=clipping)
         if not finite:
             # Skip the whole step: no weight, buffer or counter moves.
             for group in self.param_groups:
@@ -333,16 +337,16 @@ class NeuroOptima(Optimizer):
                     if name.endswith("prev_grad"):
                         # Adan's difference is 0 at k = 1: the previous gradient starts as g.
                         local(state[name]).copy_(g)
-        counters = [state["step"] for state in states]
-        torch._foreach_add_(counters, 1)
         if group.get("fused"):
-            from .fused import fused_update_  # torch.compile is imported only when used
+            from .fused import flat_counters, fused_update_  # imports torch.compile
 
-            steps = [int(k) for k in torch.stack(counters).tolist()]
+            steps = flat_counters(states)
             rest = fused_update_(self.state, group, params, grads, names, steps)
             params, grads = [params[i] for i in rest], [grads[i] for i in rest]
             if not params:
                 return
+        else:
+            torch._foreach_add_([state["step"] for state in states], 1)
         foreach = self._use_foreach(group, params)
         state_dtype = group.get("state_dtype")
         # Multi-tensor kernels need one device and dtype per call; so does the upcast of

@@ -145,15 +145,12 @@ def test_bf16_state_fused_equals_foreach():
 
 def _state_bytes(opt):
     """Bytes of every tensor in optimizer.state, storages shared by views counted once."""
-    storages, steps = {}, 0
+    storages, steps = {}, {}
     for state in opt.state.values():
         for key, value in state.items():
-            if key == "step":
-                steps += value.untyped_storage().nbytes()
-                continue
             storage = value.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values()), steps
+            (steps if key == "step" else storages)[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()), sum(steps.values())
 
 
 @pytest.mark.parametrize("state_dtype,budget", [(None, 24), (torch.bfloat16, 14)])
@@ -226,7 +223,7 @@ def test_bad_options():
         NeuroOptima(p, state_dtype=torch.int8)
 
 
-def test_norm_stats_over_flat_runs_equal_the_eager_ones():
+def test_norm_stats_over_flat_runs_equal_the_eager_ones_and_finiteness_is_exact():
     flat = torch.randn(1000, dtype=torch.float32, generator=torch.Generator().manual_seed(3))
     run = list(flat.split([100, 250, 650]))
     apart = [torch.randn(7), torch.randn(3, 2, dtype=torch.float64)]
@@ -235,13 +232,22 @@ def test_norm_stats_over_flat_runs_equal_the_eager_ones():
     eager_norm, eager_finite = norm_from_stats(local_norm_stats(tensors))
     assert fused_finite and eager_finite
     assert abs(fused_norm - eager_norm) <= 1e-12 * eager_norm
-    # Finite values whose squares overflow float32 are finite; inf and nan are not.
-    flat[5] = 3e38
-    assert norm_from_stats(fused_norm_stats(run))[1]
-    assert norm_from_stats(fused_norm_stats(run))[0] >= 3e38
+    # Finite values whose squares (or sums) overflow float32 are finite; inf and nan are not.
+    # norm=False decides finiteness alone, eagerly and over flat runs.
+    half = [torch.full((4,), 6e4, dtype=torch.float16), torch.ones(3, dtype=torch.float16)]
+    flat[5] = flat[6] = 3e38
+    for stats_of in (fused_norm_stats, local_norm_stats):
+        assert norm_from_stats(stats_of(run))[0] >= 3e38
+        for norm in (True, False):
+            assert norm_from_stats(stats_of(run, norm=norm))[1]
+            assert norm_from_stats(stats_of(half, norm=norm))[1]
     for bad in (float("inf"), float("-inf"), float("nan")):
         flat[600] = bad
-        assert not norm_from_stats(fused_norm_stats(run))[1]
+        half[1][2] = bad
+        for stats_of in (fused_norm_stats, local_norm_stats):
+            for norm in (True, False):
+                assert not norm_from_stats(stats_of(run, norm=norm))[1]
+                assert not norm_from_stats(stats_of(half, norm=norm))[1]
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
