@@ -28,16 +28,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from . import functional as F
 from .dtensor import is_dtensor
 from .norms import local_norm_stats
-from . import functional as F
 from .rules import compute_dtype_for, run_elementwise
+
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 __all__ = ["fused_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_", "flat_view"]
 
@@ -111,28 +113,42 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
 # ------------------------------------------------------------------------------------------
 
 
+# Lists of tensors recently found to be one flat run, by their addresses and sizes: each step
+# checks the same lists several times, and the full check reads more attributes per tensor.
+_KNOWN_RUNS: OrderedDict[tuple, tuple[torch.dtype, torch.device]] = OrderedDict()
+_KNOWN_RUNS_LIMIT = 256
+
+
 def flat_view(tensors: Sequence[Tensor]) -> Tensor | None:
     """The 1-D tensor of which ``tensors`` are consecutive, gap-free contiguous views, or None.
 
-    Checks only pointers and sizes (cheap enough for every step); the extent must lie in the
-    first tensor's storage, so separate allocations that merely happen to be adjacent never
-    count as one.
+    Checks pointers, sizes, contiguity and dtype; the extent must lie in the first tensor's
+    storage, so separate allocations that merely happen to be adjacent never count as one. A
+    list with the addresses and sizes of a run verified before (the steady state of a fused
+    step) skips the contiguity and dtype checks of its tensors.
     """
     first = tensors[0]
     itemsize = first.element_size()
-    # One comprehension per property: this check runs several times a step.
-    ptrs = [t.data_ptr() for t in tensors]
-    sizes = [t.numel() * itemsize for t in tensors]
-    if ptrs != list(itertools.accumulate(sizes[:-1], initial=ptrs[0])):
-        return None
-    if not all([t.is_contiguous() for t in tensors]) or {t.dtype for t in tensors} != {
-            first.dtype}:
-        return None
+    ptrs = tuple([t.data_ptr() for t in tensors])
+    sizes = tuple([t.numel() * itemsize for t in tensors])
+    key = (ptrs, sizes)
+    known = _KNOWN_RUNS.get(key)
+    if known is None or known != (first.dtype, first.device):
+        known = None
+        if list(ptrs) != list(itertools.accumulate(sizes[:-1], initial=ptrs[0])):
+            return None
+        if not all([t.is_contiguous() for t in tensors]) or {t.dtype for t in tensors} != {
+                first.dtype}:
+            return None
     total = (ptrs[-1] + sizes[-1] - ptrs[0]) // itemsize
     storage = first.untyped_storage()
     offset = first.storage_offset()
     if (offset + total) * itemsize > storage.nbytes():
         return None
+    if known is None:
+        _KNOWN_RUNS[key] = (first.dtype, first.device)
+        if len(_KNOWN_RUNS) > _KNOWN_RUNS_LIMIT:
+            _KNOWN_RUNS.popitem(last=False)
     return torch.empty(0, dtype=first.dtype, device=first.device).set_(
         storage, offset, (total,), (1,))
 
@@ -161,6 +177,9 @@ def _flat(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | Non
 
 def _flat_runs(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Flat tensors over the maximal runs (two or more) of consecutive views, and the rest."""
+    whole = flat_view(tensors) if len(tensors) > 1 else None
+    if whole is not None:
+        return [whole], []
     runs: list[list[Tensor]] = []
     for t in tensors:
         last = runs[-1][-1] if runs else None
@@ -233,6 +252,8 @@ def adopt_grads_(params: Sequence[Tensor]) -> None:
     Done before the gradient statistics, so the norm and the update both read one flat run;
     backward keeps accumulating into the views while gradients are zeroed, not set to None.
     """
+    if _one_flat_run(params, [p.grad for p in params]) is not None:
+        return  # the steady state: nothing to lay out
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
         g = p.grad
@@ -270,6 +291,24 @@ def _runs(tensors: Sequence[Tensor]) -> list[list[int]]:
     return runs
 
 
+def _one_flat_run(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor | None:
+    """The flat parameter tensor when ``params`` and ``grads`` are each one fusable flat run.
+
+    Answers the steady state of a fused step with a few list-wide checks instead of the
+    per-tensor ones (``_fusable``): contiguity and one dtype per list come with the run.
+    """
+    if not params or any([g is None for g in grads]) or not all(
+            [type(p) in _PLAIN for p in params]):
+        return None
+    flat_p = flat_view(params)
+    if flat_p is None or flat_p.dtype == torch.float64:
+        return None
+    flat_g = flat_view(grads)
+    if flat_g is None or (flat_g.dtype, flat_g.device) != (flat_p.dtype, flat_p.device):
+        return None
+    return flat_p
+
+
 def _owns_storage(t: Tensor) -> bool:
     return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
@@ -288,6 +327,12 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     ``grads[i]`` is rebound into the flat layout only when it is ``params[i].grad`` itself
     (not a clipped or negated copy).
     """
+    state_dtype = group.get("state_dtype")
+    flat_p = _one_flat_run(params, grads)
+    if flat_p is not None and len(set(steps)) == 1:  # the steady state: one run, one count
+        _update_run(state, group, params, grads, names, steps[0],
+                    compute_dtype_for(flat_p.dtype, state_dtype), flat_p)
+        return []
     buckets: dict[tuple, list[int]] = defaultdict(list)
     rest: list[int] = []
     for i, (p, g) in enumerate(zip(params, grads)):
@@ -295,7 +340,6 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
             buckets[(p.device, p.dtype, steps[i])].append(i)
         else:
             rest.append(i)
-    state_dtype = group.get("state_dtype")
     for (_, dtype, step), idx in buckets.items():
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]

@@ -270,3 +270,15 @@ def test_fused_nonfinite_gradient_skips_the_whole_step(bad):
     assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
     assert all(torch.equal(opt.state[p][k], v) for p, s in zip(params, before[1])
                for k, v in s.items())
+
+
+def test_flat_view_remembers_runs_by_address_and_size():
+    buf = torch.zeros(10)
+    assert flat_view([buf[:6], buf[6:]]).numel() == 10
+    assert flat_view([buf[:6], buf[6:]]).numel() == 10  # a known run
+    # The same start addresses with other sizes are a different list, checked in full.
+    assert flat_view([buf[:6], buf[6:9]]).numel() == 9
+    assert flat_view([buf[:3]]).numel() == 3
+    assert flat_view([buf[:6], buf[7:]]) is None  # a gap
+    assert flat_view([buf[:6], buf[6:].view(2, 2)[:, :1]]) is None  # not contiguous
+    assert flat_view([torch.zeros(3), torch.zeros(3)]) is None  # separate allocations
