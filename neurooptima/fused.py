@@ -2,13 +2,14 @@
 
 An optimizer step is bound by memory traffic: Adan reads ``w, g, m, v, n, g_prev`` and writes
 ``w, m, v, n, g_prev`` (44 bytes per float32 parameter), and the eager kernels move several times
-that through temporaries. Here ``rules.run_elementwise`` (the rule's elementwise kernel from ``functional``, with the
-optional upcast of reduced-precision state) is compiled by ``torch.compile`` (inductor) for one
-flat tensor per buffer, so each element is loaded once, updated in registers and stored once.
+that through temporaries. Here ``rules.run_elementwise`` (the rule's elementwise kernel from
+``functional``, with the optional upcast of reduced-precision state) is compiled by
+``torch.compile`` (inductor) for one flat tensor per buffer, so each element is loaded once, updated in registers and stored once.
 There is no second copy of the equations: the compiled graph is traced from the same kernels.
 
-``fused_rule_`` is the building block for any holder of flat tensors (the ZeRO-sharded optimizer
-calls it on its chunks). ``fused_update_`` serves ``NeuroOptima(fused=True)``: it groups the
+``fused_rule_`` is the building block for any holder of flat tensors. ``fused_update_`` serves
+``NeuroOptima(fused=True)`` and the sharded optimizer's chunks (already views of one bucket
+buffer, which are used in place and never moved): it groups the
 parameters of a param group by (device, dtype, step count) and keeps, per group, the parameters,
 the gradients and every rule buffer as consecutive views of one flat tensor each, so the kernel
 runs once per group with no gathering. The first fused step lays them out (the parameters'
@@ -16,7 +17,7 @@ runs once per group with no gathering. The first fused step lays them out (the p
 find the layout intact and use it directly. Gradients keep the layout only while backward
 accumulates into them (``zero_grad(set_to_none=False)``); fresh gradients are copied once into
 a flat tensor per step. DTensor, float64 and non-contiguous parameters are left to the eager
-(foreach) kernels.
+(foreach) kernels. ``fused_norm_stats`` gives the gradient statistics over the same flat runs.
 
 Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
 one kernel. The step's coefficients (``functional.rule_scalars``: bias corrections, ``1 - beta``,
