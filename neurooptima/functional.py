@@ -84,7 +84,8 @@ class AdanScalars(NamedTuple):
     bias_correction3_sqrt: float   # sqrt(1 - beta3^k)
     eps: float
     neg_lr: float
-    decay: float                   # 1 - lr wd (no_prox: multiply before) or 1 + lr wd (divide after)
+    decay: float                   # no_prox: 1 - lr wd, multiplied before the step;
+                                   # else 1 + lr wd, divided after it
 
 
 def adan_scalars(k: int, *, lr: float, betas: Sequence[float], eps: float,

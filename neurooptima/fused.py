@@ -4,15 +4,16 @@ An optimizer step is bound by memory traffic: Adan reads ``w, g, m, v, n, g_prev
 ``w, m, v, n, g_prev`` (44 bytes per float32 parameter), and the eager kernels move several times
 that through temporaries. Here ``rules.run_elementwise`` (the rule's elementwise kernel from
 ``functional``, with the optional upcast of reduced-precision state) is compiled by
-``torch.compile`` (inductor) for one flat tensor per buffer, so each element is loaded once, updated in registers and stored once.
-There is no second copy of the equations: the compiled graph is traced from the same kernels.
+``torch.compile`` (inductor) for one flat tensor per buffer, so each element is loaded once,
+updated in registers and stored once. There is no second copy of the equations: the compiled
+graph is traced from the same kernels.
 
 ``fused_rule_`` is the building block for any holder of flat tensors. ``fused_update_`` serves
 ``NeuroOptima(fused=True)`` and the sharded optimizer's chunks (already views of one bucket
-buffer, which are used in place and never moved): it groups the
-parameters of a param group by (device, dtype, step count) and keeps, per group, the parameters,
-the gradients and every rule buffer as consecutive views of one flat tensor each, so the kernel
-runs once per group with no gathering. The first fused step lays them out (the parameters'
+buffer, which are used in place and never moved): it groups the parameters of a param group by
+(device, dtype, step count) and keeps, per group, the parameters, the gradients and every rule
+buffer as consecutive views of one flat tensor each, so the kernel runs once per group with no
+gathering. The first fused step lays them out (the parameters'
 ``.data`` and ``.grad`` become views of new flat tensors, with the same values); later steps
 find the layout intact and use it directly. Gradients keep the layout only while backward
 accumulates into them (``zero_grad(set_to_none=False)``); fresh gradients are copied once into
@@ -39,8 +40,6 @@ from . import functional as F
 from .dtensor import is_dtensor
 from .norms import local_norm_stats
 from .rules import compute_dtype_for, run_elementwise
-
-_PLAIN = (Tensor, torch.nn.Parameter)
 
 __all__ = ["fused_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_", "flat_view"]
 
@@ -74,18 +73,22 @@ def _flat_lion_adan(*args):
 
 _FLAT_FUNCTIONS: dict[str, Callable[..., None]] = {
     "adan": _flat_adan, "lion": _flat_lion, "lion_adan": _flat_lion_adan}
-_COMPILED: dict[str, Callable[..., None]] = {}
+_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
+def _compile_once(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled for any tensor size (dynamic shapes), compiled on first use only."""
+    compiled = _COMPILED.get(fn)
+    if compiled is None:
+        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return compiled
 
 
 def _compiled(rule: str) -> Callable[..., None]:
-    fn = _COMPILED.get(rule)
-    if fn is None:
-        if rule not in _FLAT_FUNCTIONS:
-            raise ValueError(f"update must be one of {', '.join(map(repr, _FLAT_FUNCTIONS))}, "
-                             f"got {rule!r}")
-        fn = _COMPILED[rule] = torch.compile(_FLAT_FUNCTIONS[rule], dynamic=True,
-                                             fullgraph=True)
-    return fn
+    if rule not in _FLAT_FUNCTIONS:
+        raise ValueError(f"update must be one of {', '.join(map(repr, _FLAT_FUNCTIONS))}, "
+                         f"got {rule!r}")
+    return _compile_once(_FLAT_FUNCTIONS[rule])
 
 
 def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
@@ -182,19 +185,12 @@ def _flat_runs(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     whole = flat_view(tensors) if len(tensors) > 1 else None
     if whole is not None:
         return [whole], []
-    runs: list[list[Tensor]] = []
-    for t in tensors:
-        last = runs[-1][-1] if runs else None
-        if (last is not None and t.dtype == last.dtype and t.device == last.device
-                and t.data_ptr() == last.data_ptr() + last.numel() * last.element_size()):
-            runs[-1].append(t)
-        else:
-            runs.append([t])
     flats, rest = [], []
-    for run in runs:
-        flat = flat_view(run) if len(run) > 1 else None
+    for run in _runs(tensors):
+        members = [tensors[i] for i in run]
+        flat = flat_view(members) if len(members) > 1 else None
         if flat is None:
-            rest += run
+            rest += members
         else:
             flats.append(flat)
     return flats, rest
@@ -226,10 +222,7 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     if not norm:
         flats = [flat for flat in flats if not math.isfinite(flat.sum().item())]
     if flats:
-        fn = _COMPILED.get("sum_of_squares")
-        if fn is None:
-            fn = _COMPILED["sum_of_squares"] = torch.compile(_sum_of_squares, dynamic=True,
-                                                             fullgraph=True)
+        fn = _compile_once(_sum_of_squares)
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
             sums = [fn(flat).item() for flat in flats]
         if norm:
@@ -293,14 +286,14 @@ def _runs(tensors: Sequence[Tensor]) -> list[list[int]]:
     return runs
 
 
-def _one_flat_run(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor | None:
-    """The flat parameter tensor when ``params`` and ``grads`` are each one fusable flat run.
+def _one_flat_run(params: Sequence[Tensor],
+                  grads: Sequence[Tensor | None]) -> tuple[Tensor, Tensor] | None:
+    """The flat parameter and gradient tensors when each list is one fusable flat run.
 
     Answers the steady state of a fused step with a few list-wide checks instead of the
     per-tensor ones (``_fusable``): contiguity and one dtype per list come with the run.
     """
-    if not params or any([g is None for g in grads]) or not all(
-            [type(p) in _PLAIN for p in params]):
+    if not params or any([g is None for g in grads]) or any([is_dtensor(p) for p in params]):
         return None
     flat_p = flat_view(params)
     if flat_p is None or flat_p.dtype == torch.float64:
@@ -308,7 +301,7 @@ def _one_flat_run(params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> T
     flat_g = flat_view(grads)
     if flat_g is None or (flat_g.dtype, flat_g.device) != (flat_p.dtype, flat_p.device):
         return None
-    return flat_p
+    return flat_p, flat_g
 
 
 def _owns_storage(t: Tensor) -> bool:
@@ -330,10 +323,10 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     (not a clipped or negated copy).
     """
     state_dtype = group.get("state_dtype")
-    flat_p = _one_flat_run(params, grads)
-    if flat_p is not None and len(set(steps)) == 1:  # the steady state: one run, one count
+    flats = _one_flat_run(params, grads)
+    if flats is not None and len(set(steps)) == 1:  # the steady state: one run, one count
         _update_run(state, group, params, grads, names, steps[0],
-                    compute_dtype_for(flat_p.dtype, state_dtype), flat_p)
+                    compute_dtype_for(flats[0].dtype, state_dtype), *flats)
         return []
     buckets: dict[tuple, list[int]] = defaultdict(list)
     rest: list[int] = []
@@ -358,13 +351,15 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     return rest
 
 
-def _update_run(state, group, ps, gs, names, step, compute_dtype, flat_p) -> None:
+def _update_run(state, group, ps, gs, names, step, compute_dtype, flat_p,
+                flat_g=None) -> None:
     if flat_p is None:  # adjacent by chance but separate allocations: one tensor at a time
         for p, g in zip(ps, gs):
             _update_run(state, group, [p], [g], names, step, compute_dtype, flat_view([p]))
         return
-    own_grads = all(g is p.grad for p, g in zip(ps, gs))
-    flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
+    if flat_g is None:
+        own_grads = all(g is p.grad for p, g in zip(ps, gs))
+        flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
     flat_bufs = []
     for name in names:
         def rebind(j, v, name=name):
