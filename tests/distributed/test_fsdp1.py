@@ -20,66 +20,19 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import MixedPrecision
 
+from fsdp_support import (BF16_RTOL, FP32_RTOL, HYPER, STEPS, Net, batch, local_slice,
+                          make_net, reference, train)
+
 from neurooptima import NeuroOptima
 from neurooptima.distributed.fsdp import for_fsdp, materialize_state
 
-STEPS = 20
-GLOBAL_BATCH = 12  # divisible by 2 and 3
-FP32_RTOL = 1e-6
-# bf16 compute perturbs every gradient by ~2^-8 relative; see test_fsdp2.py for the same bound.
-BF16_RTOL = 3e-2
 CPU = torch.device("cpu")
-
-HYPER = dict(lr=1e-2, weight_decay=0.01, sam_rho=0.05, lookahead_k=3, lookahead_alpha=0.5,
-             max_grad_norm=0.5)
-
-
-class Net(nn.Module):
-    """Uneven shapes; the root's flat shard leaves whole parameters on one rank only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(33, 17)
-        self.block = nn.Sequential(nn.Linear(17, 9), nn.Tanh(), nn.Linear(9, 5))
-        self.out = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.block(torch.tanh(self.inp(x))))
-
-
-def make_net() -> Net:
-    torch.manual_seed(1234)
-    return Net()
 
 
 def wrap(net: Net, mp: MixedPrecision | None = None) -> FSDP:
     kw = dict(use_orig_params=True, device_id=CPU, mixed_precision=mp)
     net.block = FSDP(net.block, **kw)  # nested: the block's unit inside the root's
     return FSDP(net, **kw)
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 33, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
-
-
-def local_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    n = t.shape[0] // world
-    return t[rank * n:(rank + 1) * n]
-
-
-def train(net: nn.Module, opt: NeuroOptima, steps: range, rank: int = 0, world: int = 1) -> None:
-    for step in steps:
-        x, y = batch(step)
-        x, y = local_slice(x, rank, world), local_slice(y, rank, world)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(net(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
 
 
 def full_params(model: FSDP) -> list[torch.Tensor]:
@@ -90,12 +43,6 @@ def full_params(model: FSDP) -> list[torch.Tensor]:
 def worst_rel_err(params: list[torch.Tensor], ref: nn.Module) -> float:
     return max(((p - q.detach()).norm() / q.detach().norm()).item()
                for p, q in zip(params, ref.parameters(), strict=True))
-
-
-def reference(steps: int, **kw) -> nn.Module:
-    net = make_net()
-    train(net, NeuroOptima(net.parameters(), **kw), range(steps))
-    return net
 
 
 def _holds_empty_shard(model: FSDP) -> bool:

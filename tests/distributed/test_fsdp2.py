@@ -21,37 +21,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+from fsdp_support import (BF16_RTOL, FP32_RTOL, HYPER, STEPS, Net, batch, local_slice,
+                          make_net, reference, train)
+
 from neurooptima import NeuroOptima
 from neurooptima.distributed.fsdp import for_fsdp, materialize_state
-
-STEPS = 20
-GLOBAL_BATCH = 12  # divisible by 2 and 3: every rank gets an equal slice
-FP32_RTOL = 1e-6
-# bf16 compute perturbs every gradient by ~2^-8 relative; after 20 SAM steps the worst tensor is
-# within this relative distance of the fp32 single-process run (measured 9.6e-3 on 2 ranks,
-# 4.7e-3 on 3), while training moves it by ~0.43: 3x margin, and still 14x below the movement.
-BF16_RTOL = 3e-2
-
-HYPER = dict(lr=1e-2, weight_decay=0.01, sam_rho=0.05, lookahead_k=3, lookahead_alpha=0.5,
-             max_grad_norm=0.5)
-
-
-class Net(nn.Module):
-    """Uneven shapes: 17, 9 and 2 rows do not split evenly; 2 rows leave rank 2 of 3 empty."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(33, 17)
-        self.block = nn.Sequential(nn.Linear(17, 9), nn.Tanh(), nn.Linear(9, 5))
-        self.out = nn.Linear(5, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.block(torch.tanh(self.inp(x))))
-
-
-def make_net() -> Net:
-    torch.manual_seed(1234)
-    return Net()
 
 
 def shard(net: Net, mp: MixedPrecisionPolicy | None = None,
@@ -64,42 +38,12 @@ def shard(net: Net, mp: MixedPrecisionPolicy | None = None,
     return net
 
 
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, 33, generator=g), torch.randn(GLOBAL_BATCH, 2, generator=g)
-
-
-def local_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    n = t.shape[0] // world
-    return t[rank * n:(rank + 1) * n]
-
-
-def train(net: nn.Module, opt: NeuroOptima, steps: range, rank: int = 0, world: int = 1) -> None:
-    for step in steps:
-        x, y = batch(step)
-        x, y = local_slice(x, rank, world), local_slice(y, rank, world)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(net(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-
-
 def full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def reference(steps: int, **kw) -> nn.Module:
-    net = make_net()
-    train(net, NeuroOptima(net.parameters(), **kw), range(steps))
-    return net
 
 
 def worst_rel_err(net: nn.Module, ref: nn.Module) -> float:
