@@ -11,7 +11,7 @@ fused step new gradient tensors every step (the ``set_to_none=True`` case), so i
 copy of the gradients into the flat layout.
 
 The machine is shared, so timings are noisy: candidates are measured in rounds, each round
-visits every candidate in a rotated order (build, one untimed warm-up step, then timed steps),
+visits every candidate in a rotated order (build, two untimed warm-up steps, then timed steps),
 and the reported time is the median over all timed steps of all rounds. The ratio to fused
 AdamW uses the fused AdamW median of the same size in the same run.
 
@@ -25,6 +25,8 @@ Output (JSON, default ``benchmarks/results/step_speed.json``): ``{"meta": {...},
     optimizer        str    "neurooptima", "torch.AdamW", "pytorch_optimizer.Adan", ...
     rule             str    update rule: "adan", "lion", "lion_adan", "adamw"
     implementation   str    "for_loop", "foreach", "fused", "fused_fresh_grads",
+                            "fused_checked" (torch AdamW fused, skipping steps with
+                            non-finite gradients as NeuroOptima does),
                             "fused_bf16_state", "default" (the library's own choice),
                             "fused_update_pass" (the compiled update pass alone, without
                             the gradient check and the step's bookkeeping)
@@ -94,6 +96,8 @@ def candidates() -> list[Candidate]:
         Candidate("torch AdamW fused", "torch.AdamW", "adamw", "fused",
                   lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
                   _bytes_per_param("adamw")),
+        Candidate("torch AdamW fused + finite check", "torch.AdamW", "adamw",
+                  "fused_checked", _CheckedAdamW, _bytes_per_param("adamw")),
         Candidate("pytorch_optimizer Adan", "pytorch_optimizer.Adan", "adan", "default",
                   lambda ps: po.Adan(ps, lr=1e-3, weight_decay=0.01), _bytes_per_param("adan")),
         Candidate("pytorch_optimizer Adan foreach", "pytorch_optimizer.Adan", "adan", "foreach",
@@ -130,6 +134,24 @@ def candidates() -> list[Candidate]:
                                fused=True, state_dtype=torch.bfloat16),
         _bytes_per_param("adan", state_bytes=2)))
     return out
+
+
+class _CheckedAdamW:
+    """Fused AdamW that skips any step with a non-finite gradient, as every NeuroOptima step does.
+
+    torch's fused AdamW does not look at the gradients' values; this is it with the same
+    guarantee, checked the way ``torch.nn.utils.clip_grad_norm_`` finds non-finite gradients (a
+    foreach norm, one read of the gradients), for a like-for-like comparison.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True)
+
+    def step(self) -> None:
+        norms = torch._foreach_norm([p.grad for p in self.params], 2.0)
+        if bool(torch.stack(norms).isfinite().all()):
+            self.opt.step()
 
 
 class _UpdatePassOnly:
@@ -189,7 +211,8 @@ def _time_candidate(cand: Candidate, params, spares, steps: int) -> list[float]:
         opt.step()
         return time.perf_counter() - start
 
-    one_step()  # warm-up: state creation, flat layout, compilation
+    for _ in range(2):  # warm-up: state, compilation, then the flat layout's steady state
+        one_step()
     times = [one_step() for _ in range(steps)]
     del opt
     gc.collect()

@@ -41,7 +41,8 @@ from .dtensor import is_dtensor
 from .norms import local_norm_stats
 from .rules import compute_dtype_for, run_elementwise
 
-__all__ = ["fused_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_", "flat_view"]
+__all__ = ["fused_rule_", "group_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_",
+           "flat_view"]
 
 # Each distinct dtype combination adds a graph per rule; the default limit of 8 would
 # silently fall back to eager for models with many dtype combinations.
@@ -74,6 +75,9 @@ def _flat_lion_adan(*args):
 _FLAT_FUNCTIONS: dict[str, Callable[..., None]] = {
     "adan": _flat_adan, "lion": _flat_lion, "lion_adan": _flat_lion_adan}
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+# Argument kinds each kernel was called with: only a new kind can compile another graph, so
+# only its call raises the recompile limit (entering that patch costs as much as a small call).
+_SEEN: set[tuple] = set()
 
 
 def _compile_once(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -108,8 +112,15 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
                                           betas=tuple(map(float, betas)), eps=float(eps),
                                           weight_decay=float(weight_decay),
                                           no_prox=bool(no_prox)), dtype=torch.float64)
+    args = (param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype)
+    signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), param.device,
+                 bool(no_prox), compute_dtype)
+    if signature in _SEEN:
+        fn(*args)
+        return
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        fn(param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype)
+        fn(*args)
+    _SEEN.add(signature)
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,19 +192,25 @@ def _flat(tensors: Sequence[Tensor], rebind: Callable[[int, Tensor], None] | Non
 
 
 def _flat_runs(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Flat tensors over the maximal runs (two or more) of consecutive views, and the rest."""
+    """Flat tensors over the maximal runs of consecutive views (two or more tensors, or one
+    large tensor), and the rest."""
     whole = flat_view(tensors) if len(tensors) > 1 else None
     if whole is not None:
         return [whole], []
     flats, rest = [], []
     for run in _runs(tensors):
         members = [tensors[i] for i in run]
-        flat = flat_view(members) if len(members) > 1 else None
+        big = len(members) > 1 or members[0].numel() >= _ONE_PASS_NUMEL
+        flat = flat_view(members) if big else None
         if flat is None:
             rest += members
         else:
             flats.append(flat)
     return flats, rest
+
+
+# A single tensor at least this large gets a pass of its own; smaller ones share one foreach call.
+_ONE_PASS_NUMEL = 1 << 16
 
 
 def _sum_of_squares(flat: Tensor) -> Tensor:
@@ -240,23 +257,27 @@ def _fusable(p: Tensor, g: Tensor) -> bool:
 
 
 @torch.no_grad()
-def adopt_grads_(params: Sequence[Tensor]) -> None:
+def adopt_grads_(params: Sequence[Tensor]) -> bool:
     """Lay the gradients of ``params`` out as consecutive views of one flat tensor per
-    (device, dtype), copying them once if backward left them apart.
+    (device, dtype), copying them once if backward left them apart; True if nothing moved.
 
     Done before the gradient statistics, so the norm and the update both read one flat run;
     backward keeps accumulating into the views while gradients are zeroed, not set to None.
     """
     if _one_flat_run(params, [p.grad for p in params]) is not None:
-        return  # the steady state: nothing to lay out
+        return True  # the steady state: nothing to lay out
     buckets: dict[tuple, list[Tensor]] = defaultdict(list)
     for p in params:
         g = p.grad
         if g is not None and not g.is_sparse and _fusable(p, g):
             buckets[(p.device, p.dtype)].append(p)
+    moved = False
     for ps in buckets.values():
-        if len(ps) > 1:
-            _flat([p.grad for p in ps], lambda j, v, ps=ps: setattr(ps[j], "grad", v))
+        grads = [p.grad for p in ps]
+        if len(ps) > 1 and flat_view(grads) is None:
+            _gather(grads, lambda j, v, ps=ps: setattr(ps[j], "grad", v))
+            moved = True
+    return not moved
 
 
 def flat_counters(states: Sequence[dict[str, Any]]) -> list[int]:
@@ -365,6 +386,12 @@ def _update_run(state, group, ps, gs, names, step, compute_dtype, flat_p,
         def rebind(j, v, name=name):
             state[ps[j]][name] = v
         flat_bufs.append(_flat([state[p][name] for p in ps], rebind))
-    fused_rule_(group["update"], flat_p, flat_g, flat_bufs, step, lr=group["lr"],
+    group_rule_(group, flat_p, flat_g, flat_bufs, step, compute_dtype)
+
+
+def group_rule_(group: dict[str, Any], param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
+                step: int, compute_dtype: torch.dtype | None) -> None:
+    """``fused_rule_`` with the rule and hyperparameters of the param group ``group``."""
+    fused_rule_(group["update"], param, grad, buffers, step, lr=group["lr"],
                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
                 no_prox=group["no_prox"], compute_dtype=compute_dtype)

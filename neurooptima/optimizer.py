@@ -128,6 +128,8 @@ class NeuroOptima(Optimizer):
         check_group(dict(defaults))
         self._sam_phase: str | None = None  # None, "perturbed" or "skipped" between passes
         self.in_second_pass = False
+        # id(group) -> (group, FusedLayout): the steady state of each fused group.
+        self._fused_layouts: dict[int, tuple[dict[str, Any], Any]] = {}
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
@@ -152,17 +154,28 @@ class NeuroOptima(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_sam_phase", None)
         self.__dict__.setdefault("in_second_pass", False)
+        self.__dict__.setdefault("_fused_layouts", {})
 
     @property
     def sam_enabled(self) -> bool:
         return any(group["sam_rho"] > 0 for group in self.param_groups)
 
-    def _grads(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    def _grads(self, group: dict[str, Any], *, for_update: bool = True
+               ) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters that have gradients, and the gradients the math should see.
 
-        Gradients of DTensor parameters come back as their local shards (see ``dtensor``).
+        Gradients of DTensor parameters come back as their local shards (see ``dtensor``). For
+        the update, a fused group in its steady state returns its layout's own lists (see
+        ``fused_layout``); SAM's first pass only needs the gradients laid out flat.
         """
-        if group.get("fused"):
+        if group.get("fused") and for_update:
+            layout = self._fused_layout(group)  # lays the gradients out flat if it must
+            if layout is not None:
+                grads = layout.grads
+                if group["maximize"]:
+                    grads = list(torch._foreach_neg(grads))
+                return layout.params, grads
+        elif group.get("fused"):
             from .fused import adopt_grads_  # torch.compile is imported only when used
 
             adopt_grads_(group["params"])
@@ -178,6 +191,29 @@ class NeuroOptima(Optimizer):
         if group["maximize"]:
             grads = list(torch._foreach_neg(grads)) if grads else grads
         return params, grads
+
+    def _fused_layout(self, group: dict[str, Any]) -> Any:
+        """The steady-state layout of a fused group, or None while it is being laid out.
+
+        Gradients that were already flat when the step began (backward accumulated into the
+        previous step's views) are the sign of a steady state: only then is a layout built.
+        Fresh gradient tensors every step (``zero_grad(set_to_none=True)``) never pay for it.
+        """
+        from .fused import adopt_grads_  # torch.compile is imported only when used
+        from .fused_layout import FusedLayout
+
+        names = tuple(f"{group['update']}.{b}" for b in F.RULE_BUFFERS[group["update"]])
+        entry = self._fused_layouts.get(id(group))
+        if (entry is not None and entry[0] is group and entry[1].names == names
+                and entry[1].intact(self.state, group["params"])):
+            return entry[1]
+        self._fused_layouts.pop(id(group), None)
+        if not adopt_grads_(group["params"]):
+            return None
+        layout = FusedLayout.of(self.state, group["params"], names)
+        if layout is not None:
+            self._fused_layouts[id(group)] = (group, layout)
+        return layout
 
     def _reduce_norm_stats(self, stats: Tensor) -> Tensor:
         """Sum packed norm statistics over every holder of the tensors (here: one process).
@@ -219,7 +255,7 @@ class NeuroOptima(Optimizer):
         """
         if self._sam_phase is not None:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
-        per_group = [self._grads(group) for group in self.param_groups]
+        per_group = [self._grads(group, for_update=False) for group in self.param_groups]
         terms: list[Tensor] = []
         owners: list[Tensor] = []
         for group, (params, grads) in zip(self.param_groups, per_group):
@@ -294,9 +330,7 @@ class NeuroOptima(Optimizer):
         per_group = [self._grads(group) for group in self.param_groups]
         # The norm's value matters only for clipping; every step checks finiteness.
         clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
-        norm, finite = self._global_norm([g for _, grads in per_group for g in grads],
-                                         [p for params, _ in per_group for p in params],
-                                         norm=clipping)
+        norm, finite = self._global_norm(*self._update_norm_terms(per_group), norm=clipping)
         if not finite:
             # Skip the whole step: no weight, buffer or counter moves.
             for group in self.param_groups:
@@ -313,6 +347,22 @@ class NeuroOptima(Optimizer):
             self._apply_rule(group, params, grads)
             self._lookahead(group, params)
 
+    def _update_norm_terms(self, per_group: list[tuple[list[Tensor], list[Tensor]]]
+                           ) -> tuple[list[Tensor], list[Tensor]]:
+        """The update's gradients and their owners, for its norm and finiteness check; a fused
+        group in its steady state contributes its one flat gradient."""
+        tensors: list[Tensor] = []
+        owners: list[Tensor] = []
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            layout = self._verified_layout(group, params, grads)
+            if layout is not None:
+                tensors.append(layout.flat_grad)
+                owners.append(layout.flat_grad)
+            else:
+                tensors += grads
+                owners += params
+        return tensors, owners
+
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is None:
             if group.get("fused"):
@@ -324,6 +374,14 @@ class NeuroOptima(Optimizer):
 
     def _apply_rule(self, group: dict[str, Any], params: list[Tensor],
                     grads: list[Tensor]) -> None:
+        layout = self._verified_layout(group, params, grads)
+        if layout is not None:  # the steady state of a fused group: one kernel call
+            from .fused import group_rule_
+
+            group_rule_(group, layout.flat_param, layout.flat_grad, layout.flat_buffers,
+                        layout.advance(),
+                        compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")))
+            return
         rule = group["update"]
         names = [f"{rule}.{b}" for b in F.RULE_BUFFERS[rule]]
         states = [self.state[p] for p in params]
@@ -368,11 +426,24 @@ class NeuroOptima(Optimizer):
                          weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                          foreach=foreach, compute_dtype=compute_dtype)
 
+    def _verified_layout(self, group: dict[str, Any], params: list[Tensor],
+                         grads: list[Tensor] | None = None) -> Any:
+        """The layout ``_grads`` verified this step, if ``params`` (and ``grads``) are its own
+        lists: not filtered, clipped or negated since."""
+        entry = self._fused_layouts.get(id(group)) if group.get("fused") else None
+        if entry is None or entry[0] is not group or params is not entry[1].params:
+            return None
+        return entry[1] if grads is None or grads is entry[1].grads else None
+
     def _lookahead(self, group: dict[str, Any], params: list[Tensor]) -> None:
         k = group["lookahead_k"]
         if k == 0:
             return
-        due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
+        layout = self._verified_layout(group, params)
+        if layout is not None:  # one step count for the whole group
+            due = params if layout.count % k == 0 else []
+        else:
+            due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
         if due:
             slow = []
             for p in due:

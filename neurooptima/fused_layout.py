@@ -1,0 +1,92 @@
+"""The steady state of a fused param group, checked once per step instead of found again.
+
+After its first steps a fused group's parameters, gradients, step counters and rule buffers
+are each consecutive views of one flat tensor (see ``fused``). Finding those runs means reading
+the address, size and contiguity of every tensor, and the step needs them several times (the
+gradient check, the counters, the update); for a model with many tensors that bookkeeping costs
+as much as a good part of the kernel. ``FusedLayout`` records the runs once and ``intact``
+confirms them at the next step with one pass over the parameters: the same parameter, gradient
+and state objects, and the parameters at the same addresses. Anything else (a new gradient tensor, a loaded state
+dict, moved parameters) fails the check and the step takes the general path, which lays the
+tensors out again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from .fused import _one_flat_run, flat_view
+
+__all__ = ["FusedLayout"]
+
+_STEP = "step"
+
+
+class FusedLayout:
+    """Flat parameters, gradients, step counters and buffers of one param group."""
+
+    __slots__ = ("params", "grads", "names", "flat_param", "flat_grad", "flat_buffers",
+                 "flat_step", "_state", "_states", "_entries", "_ptrs")
+
+    def __init__(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor],
+                 grads: list[Tensor], names: Sequence[str], flat_param: Tensor,
+                 flat_grad: Tensor, flat_buffers: list[Tensor], flat_step: Tensor) -> None:
+        self.params, self.grads, self.names = params, grads, tuple(names)
+        self.flat_param, self.flat_grad = flat_param, flat_grad
+        self.flat_buffers, self.flat_step = flat_buffers, flat_step
+        self._state = state
+        self._states = [state[p] for p in params]
+        self._entries = [[st[name] for st in self._states] for name in (_STEP, *names)]
+        self._ptrs = _addresses(params)
+
+    @classmethod
+    def of(cls, state: dict[Tensor, dict[str, Any]], params: Sequence[Tensor],
+           names: Sequence[str]) -> FusedLayout | None:
+        """The layout of ``params`` if each of their lists (parameters, gradients, counters,
+        each buffer in ``names``) is one flat run and all step counts are equal, else None."""
+        params = list(params)
+        grads = [p.grad for p in params]
+        flats = _one_flat_run(params, grads)
+        if flats is None or any(p not in state for p in params):
+            return None
+        states = [state[p] for p in params]
+        if any(name not in st for st in states for name in (_STEP, *names)):
+            return None
+        flat_step = flat_view([st[_STEP] for st in states])
+        flat_buffers = [flat_view([st[name] for st in states]) for name in names]
+        if flat_step is None or any(b is None for b in flat_buffers):
+            return None
+        if not bool((flat_step == flat_step[0]).all()):
+            return None
+        return cls(state, params, grads, names, *flats, flat_buffers, flat_step)
+
+    def intact(self, state: dict[Tensor, dict[str, Any]], params: Sequence[Tensor]) -> bool:
+        """Whether ``params`` and their gradients and state are still this layout's views."""
+        if state is not self._state or len(params) != len(self.params):
+            return False
+        for p, mine, g, st in zip(params, self.params, self.grads, self._states):
+            if p is not mine or p.grad is not g or state.get(p) is not st:
+                return False
+        for name, entries in zip((_STEP, *self.names), self._entries):
+            for st, entry in zip(self._states, entries):
+                if st.get(name) is not entry:
+                    return False
+        return _addresses(self.params) == self._ptrs
+
+    def advance(self) -> int:
+        """Add one to every step counter (one op) and return the new common count."""
+        self.flat_step.add_(1)
+        return self.count
+
+    @property
+    def count(self) -> int:
+        """The common step count (the general path may have advanced the counters too)."""
+        return int(self.flat_step[0].item())
+
+
+def _addresses(params: Sequence[Tensor]) -> tuple[int, ...]:
+    # Assigning p.data (model.to(), say) moves a parameter without changing its identity; a
+    # gradient is replaced as a whole (p.grad = ...), which the identity check sees.
+    return tuple([p.data_ptr() for p in params])
