@@ -13,7 +13,7 @@ import pytest
 from neurooptima import UPDATE_RULES, NeuroOptima
 from neurooptima.fused_layout import FusedLayout
 
-from test_fused import _assert_rel_close, _loss, _params
+from test_fused import _compare, _loss, _params
 
 
 def _layout(opt):
@@ -42,11 +42,8 @@ def _pair(**kwargs):
             fused, NeuroOptima(fused, fused=True, **kwargs))
 
 
-def _assert_same_run(ref, ref_opt, fused, fused_opt, rel=1e-6):
-    for i, (a, b) in enumerate(zip(ref, fused)):
-        _assert_rel_close(b, a, rel, f"param {i}")
-        for key, value in ref_opt.state[a].items():
-            _assert_rel_close(fused_opt.state[b][key], value, rel, f"param {i} {key}")
+def _assert_same_run(ref, ref_opt, fused, fused_opt):
+    _compare((ref, ref_opt), (fused, fused_opt), rel=1e-6)
 
 
 @pytest.mark.parametrize("rule", UPDATE_RULES)
