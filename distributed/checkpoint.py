@@ -51,6 +51,8 @@ def _groups_json(optimizer: ShardedNeuroOptima) -> str:
     for group in optimizer.param_groups:
         packed = {k: group.get(k) for k in HYPER_KEYS}
         packed["betas"] = list(packed["betas"])
+        if packed["state_dtype"] is not None:  # JSON has no dtype: "bfloat16" and back
+            packed["state_dtype"] = str(packed["state_dtype"]).removeprefix("torch.")
         packed["skipped_steps"] = group["skipped_steps"]
         packed["num_params"] = len(group["params"])
         groups.append(packed)
@@ -136,6 +138,12 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
             if key in saved_group:  # checkpoints written before an option existed lack it
                 group[key] = saved_group[key]
         group["betas"] = tuple(group["betas"])
+        if isinstance(group.get("state_dtype"), str):
+            dtype = getattr(torch, group["state_dtype"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"param group {i} of the checkpoint has state_dtype "
+                                 f"{group['state_dtype']!r}, which is not a torch dtype")
+            group["state_dtype"] = dtype
         group["skipped_steps"] = saved_group["skipped_steps"]
         check_group(group)
     optimizer.local_optimizer.state.clear()

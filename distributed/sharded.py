@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from neurooptima import NeuroOptima
+from neurooptima import NeuroOptima, reduced_state
 from neurooptima.optimizer import run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.sam import norm_terms, perturb_
@@ -50,7 +50,7 @@ SAM_MODES = ("global", "local")
 # Every per-group setting of NeuroOptima; ``skipped_steps`` is a counter, not a setting.
 HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
-              "maximize", "foreach", "fused")
+              "maximize", "foreach", "fused", "state_dtype")
 
 class _ShardOptimizer(NeuroOptima):
     """NeuroOptima over this rank's chunks; norm statistics are summed over the group."""
@@ -96,9 +96,10 @@ class ShardedNeuroOptima(Optimizer):
         timeout: seconds (or a timedelta) a collective may wait for its peers before this rank
             raises; None uses the process group's timeout.
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
-        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused: as
-            ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
-            bucket on this rank's chunks, which are already consecutive views of one buffer.
+        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype:
+            as ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
+            bucket on this rank's chunks, which are already consecutive views of one buffer;
+            ``state_dtype`` stores this rank's chunks of the rule buffers in that dtype.
 
     Every rank must produce gradients for the same parameters in a step (as with DDP's default
     ``find_unused_parameters=False``). Accumulate micro-batches inside ``no_sync()``.
@@ -113,7 +114,8 @@ class ShardedNeuroOptima(Optimizer):
                  update: str = "adan", beta_diff: float = 0.92, no_prox: bool = False,
                  sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None) -> None:
+                 foreach: bool | None = None, fused: bool | None = None,
+                 state_dtype: torch.dtype | None = None) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedNeuroOptima needs an initialized process group: call "
                                "torch.distributed.init_process_group() first (e.g. under "
@@ -136,7 +138,8 @@ class ShardedNeuroOptima(Optimizer):
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
                         eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
                         sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
-                        maximize=maximize, foreach=foreach, fused=fused)
+                        maximize=maximize, foreach=foreach, fused=fused,
+                        state_dtype=state_dtype)
         check_group(dict(defaults))
         self._constructed = False
         self._sam_phase: str | None = None  # None, "global" or "local" between the passes
@@ -472,3 +475,4 @@ class ShardedNeuroOptima(Optimizer):
         self._inner.state.clear()
         self._inner.state.update(inner_state)
         self._sync_groups_to_inner()
+        reduced_state.restore_state_dtypes(self._inner)  # the loader cast to the chunk dtype

@@ -140,3 +140,46 @@ def test_full_state_dict_from_single_process(world):
     train_reference(reference, ref_opt, range(BEFORE, BEFORE + AFTER))
     error = max(relative_error(model, reference), state_error(full, ref_opt.state_dict()))
     assert agree_max(error) <= TOL
+
+
+def _bf16_buffers(optimizer) -> bool:
+    """Whether every rule buffer of this rank's chunks is stored in bfloat16."""
+    return all(value.dtype == torch.bfloat16
+               for entry in optimizer.local_optimizer.state.values()
+               for key, value in entry.items() if key.startswith("adan."))
+
+
+def test_bf16_state_resumes_the_exact_trajectory(world, shared_dir):
+    """state_dtype travels with the checkpoint (as a name) and the buffers stay bfloat16."""
+    rank, n = world
+    lean = {**HYPER, "state_dtype": torch.bfloat16}
+    straight = make_model()
+    straight_opt = ShardedNeuroOptima(straight.parameters(), fused=True, **lean)
+    train_sharded(straight, straight_opt, range(BEFORE + AFTER), rank, n)
+    straight_opt.remove_hooks()
+
+    ckpt = os.path.join(shared_dir, "optimizer")
+    first = make_model()
+    first_opt = ShardedNeuroOptima(first.parameters(), fused=True, **lean)
+    train_sharded(first, first_opt, range(BEFORE), rank, n)
+    save_checkpoint(first_opt, ckpt)
+    first_opt.remove_hooks()
+
+    resumed = make_model(seed=99)
+    resumed.load_state_dict(first.state_dict())
+    # Created without state_dtype: the checkpoint's setting must replace it.
+    resumed_opt = ShardedNeuroOptima(resumed.parameters(), fused=True, **HYPER)
+    load_checkpoint(resumed_opt, ckpt)
+    assert resumed_opt.param_groups[0]["state_dtype"] == torch.bfloat16
+    assert _bf16_buffers(resumed_opt)
+    train_sharded(resumed, resumed_opt, range(BEFORE, BEFORE + AFTER), rank, n)
+    assert _bf16_buffers(resumed_opt)
+    diff = max((a - b).abs().max().item()
+               for a, b in zip(straight.parameters(), resumed.parameters()))
+    assert agree_max(diff) == 0.0
+
+    # The full state dict keeps the lean buffers through a load as well.
+    full = resumed_opt.state_dict()
+    again = ShardedNeuroOptima(make_model().parameters(), **HYPER)
+    again.load_state_dict(full)
+    assert _bf16_buffers(again)
