@@ -13,8 +13,10 @@ tensors out again.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from .fused import _one_flat_run, flat_view
@@ -25,15 +27,21 @@ _STEP = "step"
 
 
 class FusedLayout:
-    """Flat parameters, gradients, step counters and buffers of one param group."""
+    """Flat parameters, gradients, step counters and buffers of one param group.
+
+    Gradients are held weakly: a layout must not keep gradients alive that the user dropped
+    (``zero_grad(set_to_none=True)`` before evaluation, say). ``grads`` and ``flat_grad`` hold
+    them only from a successful ``intact`` (or ``of``) to ``release``, i.e. for one step.
+    """
 
     __slots__ = ("params", "grads", "names", "flat_param", "flat_grad", "flat_buffers",
-                 "flat_step", "_state", "_states", "_entries", "_ptrs")
+                 "flat_step", "_grad_refs", "_state", "_states", "_entries", "_ptrs")
 
     def __init__(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor],
                  grads: list[Tensor], names: Sequence[str], flat_param: Tensor,
                  flat_grad: Tensor, flat_buffers: list[Tensor], flat_step: Tensor) -> None:
         self.params, self.grads, self.names = params, grads, tuple(names)
+        self._grad_refs = [weakref.ref(g) for g in grads]
         self.flat_param, self.flat_grad = flat_param, flat_grad
         self.flat_buffers, self.flat_step = flat_buffers, flat_step
         self._state = state
@@ -66,14 +74,28 @@ class FusedLayout:
         """Whether ``params`` and their gradients and state are still this layout's views."""
         if state is not self._state or len(params) != len(self.params):
             return False
-        for p, mine, g, st in zip(params, self.params, self.grads, self._states):
-            if p is not mine or p.grad is not g or state.get(p) is not st:
+        grads = [p.grad for p in params]
+        for p, mine, g, ref, st in zip(params, self.params, grads, self._grad_refs,
+                                       self._states):
+            # A dropped gradient's weak reference is None, which no gradient is.
+            if p is not mine or g is not ref() or g is None or state.get(p) is not st:
                 return False
         for name, entries in zip((_STEP, *self.names), self._entries):
             for st, entry in zip(self._states, entries):
                 if st.get(name) is not entry:
                     return False
-        return _addresses(self.params) == self._ptrs
+        if _addresses(self.params) != self._ptrs:
+            return False
+        # The same gradient objects: the run starts where it did and is as long as before.
+        first = grads[0]
+        self.grads = grads
+        self.flat_grad = torch.empty(0, dtype=first.dtype, device=first.device).set_(
+            first.untyped_storage(), first.storage_offset(), (self.flat_param.numel(),), (1,))
+        return True
+
+    def release(self) -> None:
+        """Drop the references to the gradients taken for this step."""
+        self.grads = self.flat_grad = None
 
     def advance(self) -> int:
         """Add one to every step counter (one op) and return the new common count."""

@@ -154,7 +154,8 @@ class NeuroOptima(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_sam_phase", None)
         self.__dict__.setdefault("in_second_pass", False)
-        self.__dict__.setdefault("_fused_layouts", {})
+        # A loaded state dict (torch's load_state_dict comes through here) has new tensors.
+        self.__dict__["_fused_layouts"] = {}
 
     @property
     def sam_enabled(self) -> bool:
@@ -327,6 +328,13 @@ class NeuroOptima(Optimizer):
 
     def _update(self) -> None:
         """Check, clip and apply the update rule to every parameter that has a gradient."""
+        try:
+            self._check_and_apply()
+        finally:
+            for _, layout in self._fused_layouts.values():
+                layout.release()  # hold no gradient between steps
+
+    def _check_and_apply(self) -> None:
         per_group = [self._grads(group) for group in self.param_groups]
         # The norm's value matters only for clipping; every step checks finiteness.
         clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)

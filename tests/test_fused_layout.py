@@ -8,6 +8,9 @@ storage, a gradient tensor, the state, the rule) in the middle of a run.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 from neurooptima import UPDATE_RULES, NeuroOptima
@@ -115,3 +118,21 @@ def test_layout_of_a_group_that_is_not_one_run():
     params = _params()
     state = {}
     assert FusedLayout.of(state, params, ["adan.exp_avg"]) is None  # no gradients, no state
+
+
+def test_a_layout_keeps_no_gradient_alive_between_steps():
+    params = _params()
+    opt = NeuroOptima(params, lr=1e-2, sam_rho=0.0, lookahead_k=0, fused=True)
+    _run(opt, params, 3)
+    layout = _layout(opt)
+    assert layout is not None and layout.grads is None and layout.flat_grad is None
+    grad_storage = weakref.ref(params[0].grad)
+    opt.zero_grad()  # set_to_none=True: the gradients must be freed now, not at the next step
+    gc.collect()
+    assert grad_storage() is None
+    ref, ref_opt, fused, fused_opt = _pair(lr=1e-2, sam_rho=0.0, lookahead_k=0)
+    for params_, opt_ in ((ref, ref_opt), (fused, fused_opt)):
+        _run(opt_, params_, 3)
+        opt_.zero_grad()
+        _run(opt_, params_, 3, start=3)  # the run goes on after the gradients were dropped
+    _assert_same_run(ref, ref_opt, fused, fused_opt)
