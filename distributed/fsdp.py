@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from neurooptima import NeuroOptima
 from neurooptima.dtensor import is_dtensor
-from neurooptima.functional import RULE_BUFFERS
+from neurooptima.functional import state_keys
 
 from .collectives import all_reduce_norm_stats
 
@@ -125,8 +125,7 @@ def materialize_state(optimizer: NeuroOptima) -> NeuroOptima:
     load overwrites; it is not a substitute for loading.
     """
     for group in optimizer.param_groups:
-        rule = group["update"]
-        names = [f"{rule}.{b}" for b in RULE_BUFFERS[rule]]
+        names = state_keys(group["update"])
         for p in group["params"]:
             if not p.requires_grad:
                 continue

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["adan", "lion", "lion_adan", "UPDATE_RULES", "RULE_BUFFERS", "DEFAULT_BETAS",
-           "AdanScalars", "LionScalars", "LionAdanScalars", "rule_scalars", "ELEMENTWISE"]
+           "AdanScalars", "LionScalars", "LionAdanScalars", "rule_scalars", "ELEMENTWISE",
+           "state_keys"]
 
 # Buffers each rule keeps per parameter, in the order the kernels take them.
 RULE_BUFFERS: dict[str, tuple[str, ...]] = {
@@ -34,6 +35,12 @@ RULE_BUFFERS: dict[str, tuple[str, ...]] = {
     "lion_adan": ("exp_avg", "exp_avg_diff", "prev_grad"),
 }
 UPDATE_RULES = tuple(RULE_BUFFERS)
+
+
+def state_keys(rule: str) -> tuple[str, ...]:
+    """The optimizer-state keys of ``rule``'s buffers, in kernel order ("adan.exp_avg", ...)."""
+    return tuple(f"{rule}.{name}" for name in RULE_BUFFERS[rule])
+
 
 # Official defaults: sail-sg/Adan (b1, b2, b3); google/automl Lion (b1, b2); the hybrid takes
 # Adan's first two.

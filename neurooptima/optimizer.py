@@ -203,11 +203,11 @@ class NeuroOptima(Optimizer):
         from .fused import adopt_grads_  # torch.compile is imported only when used
         from .fused_layout import FusedLayout
 
-        names = tuple(f"{group['update']}.{b}" for b in F.RULE_BUFFERS[group["update"]])
-        entry = self._fused_layouts.get(id(group))
-        if (entry is not None and entry[0] is group and entry[1].names == names
-                and entry[1].intact(self.state, group["params"])):
-            return entry[1]
+        names = F.state_keys(group["update"])
+        layout = self._stored_layout(group)
+        if layout is not None and layout.names == names and layout.intact(self.state,
+                                                                          group["params"]):
+            return layout
         self._fused_layouts.pop(id(group), None)
         if not adopt_grads_(group["params"]):
             return None
@@ -391,7 +391,7 @@ class NeuroOptima(Optimizer):
                         compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")))
             return
         rule = group["update"]
-        names = [f"{rule}.{b}" for b in F.RULE_BUFFERS[rule]]
+        names = F.state_keys(rule)
         states = [self.state[p] for p in params]
         for p, g, state in zip(params, grads, states):
             if names[0] not in state:
@@ -434,14 +434,19 @@ class NeuroOptima(Optimizer):
                          weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                          foreach=foreach, compute_dtype=compute_dtype)
 
+    def _stored_layout(self, group: dict[str, Any]) -> Any:
+        """The layout kept for ``group`` (by identity: an id can outlive its group), or None."""
+        entry = self._fused_layouts.get(id(group))
+        return entry[1] if entry is not None and entry[0] is group else None
+
     def _verified_layout(self, group: dict[str, Any], params: list[Tensor],
                          grads: list[Tensor] | None = None) -> Any:
         """The layout ``_grads`` verified this step, if ``params`` (and ``grads``) are its own
         lists: not filtered, clipped or negated since."""
-        entry = self._fused_layouts.get(id(group)) if group.get("fused") else None
-        if entry is None or entry[0] is not group or params is not entry[1].params:
+        layout = self._stored_layout(group) if group.get("fused") else None
+        if layout is None or params is not layout.params:
             return None
-        return entry[1] if grads is None or grads is entry[1].grads else None
+        return layout if grads is None or grads is layout.grads else None
 
     def _lookahead(self, group: dict[str, Any], params: list[Tensor]) -> None:
         k = group["lookahead_k"]

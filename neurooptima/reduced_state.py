@@ -21,14 +21,14 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .functional import RULE_BUFFERS
+from .functional import RULE_BUFFERS, state_keys
 from .sam import NORM_EPS, perturbation
 
 __all__ = ["SAM_PERTURBATION", "stores_perturbation", "perturb_stored_", "restore_state_dtypes",
            "chunks"]
 
 SAM_PERTURBATION = "sam.perturbation"
-_BUFFER_KEYS = {f"{rule}.{name}" for rule, names in RULE_BUFFERS.items() for name in names}
+_BUFFER_KEYS = {key for rule in RULE_BUFFERS for key in state_keys(rule)}
 # Elements per eager kernel call when state is upcast (bounds the float32 temporaries).
 CHUNK_ELEMENTS = 1 << 22
 

@@ -21,9 +21,7 @@ from test_fused import _compare, _loss, _params
 
 def _layout(opt):
     """The layout of the first group if the last step found it intact, else None."""
-    group = opt.param_groups[0]
-    entry = opt._fused_layouts.get(id(group))
-    return entry[1] if entry is not None and entry[0] is group else None
+    return opt._stored_layout(opt.param_groups[0])
 
 
 def _run(opt, params, steps, start=0, before_step=None):
