@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from neurooptima import frozen_batchnorm_stats
 
 from .optimizers import baseline_class, baseline_kwargs, neurooptima_kwargs
-from .strategies import BackendUnavailable, LossFn, Strategy
+from .strategy_base import BackendUnavailable, LossFn, Strategy
 
 __all__ = ["DeepSpeedStrategy", "deepspeed_config"]
 

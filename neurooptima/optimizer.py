@@ -16,6 +16,9 @@ two SAM passes). Each param group counts the steps it skipped for non-finite gra
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -32,13 +35,52 @@ from .validation import check_group, prepare_group
 from . import reduced_state
 from .rules import compute_dtype_for, run_rule
 
-__all__ = ["NeuroOptima"]
+__all__ = ["NeuroOptima", "SkippedStepWarning"]
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); so do we.
 CLIP_EPS = 1e-6
 
 _SAM_ORIGIN = "sam.origin"
 _SLOW = "lookahead.slow"
+
+
+# Every per-group setting; a change to any of them is checked again at the next step.
+HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
+              "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
+              "maximize", "foreach", "fused", "state_dtype")
+
+
+class SkippedStepWarning(RuntimeWarning):
+    """A step was skipped because a gradient held inf or nan (see ``skipped_steps``)."""
+
+
+def _fingerprint(group: dict[str, Any]) -> tuple:
+    return tuple([group.get(key) for key in HYPER_KEYS])
+
+
+def _tensor_step(value: Any) -> Tensor:
+    """A per-parameter ``step`` as the 0-d float32 tensor the kernels count in (a state dict
+    written by hand or by another tool may hold a plain number), as torch.optim converts it."""
+    if isinstance(value, Tensor):
+        return value
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "distributed"))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this package (and torch's wrappers), so
+    a warning names the user's line that called the optimizer."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not (path.startswith(_PACKAGE_DIRS) or f"{os.sep}torch{os.sep}" in path):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 NEED_CLOSURE = ("SAM (sam_rho > 0) evaluates the gradient twice per step: pass step(closure) "
@@ -130,6 +172,10 @@ class NeuroOptima(Optimizer):
         self.in_second_pass = False
         # id(group) -> (group, FusedLayout): the steady state of each fused group.
         self._fused_layouts: dict[int, tuple[dict[str, Any], Any]] = {}
+        # id(group) -> (group, its hyperparameters when last checked): a step re-checks a group
+        # only when one of them changed.
+        self._checked: dict[int, tuple[dict[str, Any], tuple]] = {}
+        self._skipped_total = 0  # steps skipped for non-finite gradients, for the warning
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
@@ -140,22 +186,51 @@ class NeuroOptima(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         prepare_group(group, type(self).__name__)
+        self._checked[id(group)] = (group, _fingerprint(group))
         self._init_lookahead(group)
 
     @torch.no_grad()
     def _init_lookahead(self, group: dict[str, Any]) -> None:
-        # Slow weights are the initial weights, created now (not lazily at the first sync).
+        # Slow weights are the initial weights, created now for every parameter that trains.
+        # A parameter that does not (requires_grad=False) gets them at its first update
+        # (``_ensure_slow``): a frozen backbone costs no second copy.
         if group["lookahead_k"] > 0:
             for p in group["params"]:
-                if _SLOW not in self.state[p]:
+                if p.requires_grad and _SLOW not in self.state[p]:
                     self.state[p][_SLOW] = p.detach().clone()
+
+    def _ensure_slow(self, params: list[Tensor]) -> None:
+        """Slow weights for parameters about to be updated for the first time without them:
+        a copy of the weights before that update (for a parameter frozen since construction,
+        its initial value unless it was edited)."""
+        for p in params:
+            state = self.state[p]
+            if _SLOW not in state:
+                state[_SLOW] = p.detach().clone()
+
+    def _check_groups(self) -> None:
+        """Validate every group whose hyperparameters changed since they were last checked
+        (e.g. edited in ``param_groups``); a bad value raises ``ValueError`` naming it."""
+        for group in self.param_groups:
+            entry = self._checked.get(id(group))
+            if entry is not None and entry[0] is group and entry[1] == _fingerprint(group):
+                continue
+            check_group(group)
+            self._checked[id(group)] = (group, _fingerprint(group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_sam_phase", None)
         self.__dict__.setdefault("in_second_pass", False)
-        # A loaded state dict (torch's load_state_dict comes through here) has new tensors.
+        self.__dict__.setdefault("_skipped_total", 0)
+        # A loaded state dict (torch's load_state_dict comes through here) has new tensors
+        # and new param groups, checked again at the next step.
         self.__dict__["_fused_layouts"] = {}
+        self.__dict__["_checked"] = {}
+        # Counters saved as plain numbers become tensors again, as in torch.optim.
+        for entry in self.state.values():
+            if "step" in entry:
+                entry["step"] = _tensor_step(entry["step"])
 
     @property
     def sam_enabled(self) -> bool:
@@ -247,15 +322,21 @@ class NeuroOptima(Optimizer):
     # ---------------------------------------------------------------- SAM phases
 
     @torch.no_grad()
-    def first_step(self) -> None:
+    def first_step(self, zero_grad: bool = False) -> None:
         """SAM's first phase: move each parameter to ``w + e`` using the current gradients.
 
-        Call after the first backward; then zero the gradients, run the second forward and
-        backward, and call ``second_step()`` (or ``step()``). Non-finite gradients skip the
-        perturbation, and the second pass then runs at ``w``.
+        Call after the first backward; then zero the gradients (or pass ``zero_grad=True``),
+        run the second forward and backward, and call ``second_step()`` (or ``step()``).
+        Non-finite gradients skip the perturbation, and the second pass then runs at ``w``.
         """
         if self._sam_phase is not None:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
+        self._check_groups()
+        self._perturb()
+        if zero_grad:
+            self.zero_grad()
+
+    def _perturb(self) -> None:
         per_group = [self._grads(group, for_update=False) for group in self.param_groups]
         terms: list[Tensor] = []
         owners: list[Tensor] = []
@@ -285,11 +366,14 @@ class NeuroOptima(Optimizer):
             perturb_(local_list(params), grads, rho=group["sam_rho"], norm=norm,
                      adaptive=group["sam_adaptive"], eta=group["sam_eta"])
 
-    def second_step(self) -> None:
-        """SAM's second phase: restore ``w`` and apply the update with the current gradients."""
+    def second_step(self, zero_grad: bool = False) -> None:
+        """SAM's second phase: restore ``w`` and apply the update with the current gradients;
+        ``zero_grad=True`` zeroes the gradients afterwards."""
         if self._sam_phase is None:
             raise RuntimeError("second_step() needs a preceding first_step()")
         self.step()
+        if zero_grad:
+            self.zero_grad()
 
     # Run eagerly under torch.compile: dynamo dropped this method's attribute writes
     # (_sam_phase, in_second_pass) when a compiled step graph-broke later in _update.
@@ -318,6 +402,7 @@ class NeuroOptima(Optimizer):
         return the loss; it is called twice. Without a closure, ``step()`` completes a step
         begun with ``first_step()``, or (SAM off) applies the update to the current gradients.
         """
+        self._check_groups()
         return run_step(self, closure, self._finish_step)
 
     def _finish_step(self) -> None:
@@ -343,10 +428,13 @@ class NeuroOptima(Optimizer):
             # Skip the whole step: no weight, buffer or counter moves.
             for group in self.param_groups:
                 group["skipped_steps"] += 1
+            self._warn_skipped()
             return
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
                 continue
+            if group["lookahead_k"] > 0:
+                self._ensure_slow(params)
             max_norm = group["max_grad_norm"]
             if max_norm is not None:
                 coef = max_norm / (norm + CLIP_EPS)
@@ -354,6 +442,17 @@ class NeuroOptima(Optimizer):
                     grads = list(torch._foreach_mul(grads, coef))
             self._apply_rule(group, params, grads)
             self._lookahead(group, params)
+
+    def _warn_skipped(self) -> None:
+        """Warn at the 1st, 2nd, 4th, 8th ... skipped step: once, then ever more rarely."""
+        self._skipped_total += 1
+        n = self._skipped_total
+        if n & (n - 1) == 0:
+            warnings.warn(f"NeuroOptima skipped a step: a gradient holds inf or nan, so no "
+                          f"weight, buffer or counter moved ({n} step{'s' * (n > 1)} skipped "
+                          f"so far; param_groups[i]['skipped_steps'] counts them). Next "
+                          f"warning at {2 * n} skipped steps.", SkippedStepWarning,
+                          stacklevel=_caller_level())
 
     def _update_norm_terms(self, per_group: list[tuple[list[Tensor], list[Tensor]]]
                            ) -> tuple[list[Tensor], list[Tensor]]:
@@ -403,6 +502,8 @@ class NeuroOptima(Optimizer):
                     if name.endswith("prev_grad"):
                         # Adan's difference is 0 at k = 1: the previous gradient starts as g.
                         local(state[name]).copy_(g)
+            elif not isinstance(state["step"], Tensor):
+                state["step"] = _tensor_step(state["step"])
         if group.get("fused"):
             from .fused import flat_counters, fused_update_  # imports torch.compile
 
@@ -458,12 +559,7 @@ class NeuroOptima(Optimizer):
         else:
             due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
         if due:
-            slow = []
-            for p in due:
-                if _SLOW not in self.state[p]:  # Lookahead switched on after construction
-                    raise RuntimeError("lookahead slow weights are missing; enable Lookahead "
-                                       "when the parameter group is created")
-                slow.append(self.state[p][_SLOW])
+            slow = [self.state[p][_SLOW] for p in due]  # see _ensure_slow
             lookahead_sync_(local_list(due), local_list(slow), alpha=group["lookahead_alpha"],
                             foreach=self._use_foreach(group, due)
                             and len({(p.device, p.dtype) for p in due}) == 1)
