@@ -9,6 +9,11 @@ A bucket packs several parameters so one collective serves them all. Its flat bu
 ``N x S`` elements is laid out rank-major, ``[rank 0's chunks | rank 1's chunks | ...]``, with
 each section ``S`` the sum of the chunk sizes; a reduce-scatter of it leaves on each rank its
 own chunks, contiguous, and an all-gather of the sections rebuilds the whole buffer.
+
+The gradient reduce-scatter carries one more element per parameter after every section: 1 where
+this rank has a gradient for it, else 0. Every rank's row holds the same flags, so each rank
+receives, summed, how many ranks produced each gradient, with no collective of its own (DDP
+all-reduces a bitmap of used parameters for the same purpose).
 """
 
 from __future__ import annotations
@@ -85,8 +90,7 @@ class Bucket:
     dtype: torch.dtype
     device: torch.device
     owned: Tensor = field(init=False)  # this rank's weight chunks; the inner params view it
-    grad: Tensor = field(init=False)  # this rank's reduced gradient chunks
-    expected: int = field(init=False)  # parameters whose gradient hook must fire
+    received: Tensor = field(init=False)  # reduce-scatter output: gradient chunks, use counts
     ready: set = field(default_factory=set)
     work: object = None  # the reduce-scatter in flight
     send: Tensor | None = None  # its input buffer, kept alive until it completes
@@ -94,8 +98,29 @@ class Bucket:
 
     def __post_init__(self) -> None:
         self.owned = torch.zeros(self.section, dtype=self.dtype, device=self.device)
-        self.grad = torch.zeros(self.section, dtype=self.dtype, device=self.device)
-        self.expected = sum(1 for s in self.slots if s.param.requires_grad)
+        self.received = torch.zeros(self.row, dtype=self.dtype, device=self.device)
+
+    @property
+    def row(self) -> int:
+        """Elements per rank in the gradient reduce-scatter: the section and the use flags."""
+        return self.section + len(self.slots)
+
+    @property
+    def grad(self) -> Tensor:
+        """This rank's reduced gradient chunks."""
+        return self.received[:self.section]
+
+    @property
+    def use_counts(self) -> Tensor:
+        """How many ranks produced each slot's gradient (valid after the reduce-scatter)."""
+        return self.received[self.section:]
+
+    def trainable(self) -> bool:
+        return any(s.param.requires_grad for s in self.slots)
+
+    def expected(self) -> int:
+        """Parameters whose gradient hook fires in a backward that uses all of them."""
+        return sum(1 for s in self.slots if s.param.requires_grad)
 
     def chunk_view(self, buffer: Tensor, slot: ShardSlot) -> Tensor:
         return buffer[slot.offset:slot.offset + slot.chunk]
@@ -109,9 +134,10 @@ class Bucket:
 
     @torch.no_grad()
     def pack_grads(self) -> Tensor:
-        """The local gradients laid out rank-major (missing gradients as zeros)."""
-        send = torch.empty(self.full_numel(), dtype=self.dtype, device=self.device)
-        rows = send.view(self.world_size, self.section)
+        """The local gradients laid out rank-major (missing gradients as zeros), each row
+        followed by the use flags."""
+        send = torch.empty(self.world_size * self.row, dtype=self.dtype, device=self.device)
+        rows = send.view(self.world_size, self.row)
         self.had_grad = []
         for slot in self.slots:
             g = slot.param.grad
@@ -121,6 +147,8 @@ class Bucket:
                 view.zero_()
             else:
                 _rows_from_flat(view, g.detach().reshape(-1), slot.numel, slot.chunk)
+        flags = torch.tensor(self.had_grad, dtype=self.dtype, device=self.device)
+        rows[:, self.section:].copy_(flags.expand(self.world_size, -1))
         return send
 
     @torch.no_grad()

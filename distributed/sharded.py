@@ -25,23 +25,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
 from neurooptima import NeuroOptima, reduced_state
 from neurooptima.optimizer import run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
+from neurooptima.optimizer import CLIP_EPS
 from neurooptima.sam import norm_terms, perturb_
 from neurooptima.validation import check_group, prepare_group
 
-from .collectives import (all_gather_flat, all_reduce_norm_stats, broadcast_,
-                          reduce_scatter_flat, wait)
+from .buffers import BufferBroadcast
+from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
 from .flat_shards import Bucket, ShardSlot, build_buckets
+from .grad_sync import GradientSync
 
 __all__ = ["ShardedNeuroOptima", "SAM_MODES"]
 
@@ -95,19 +96,29 @@ class ShardedNeuroOptima(Optimizer):
         bucket_cap_mb: size of a gradient bucket (full, padded buffer) in MiB, > 0.
         timeout: seconds (or a timedelta) a collective may wait for its peers before this rank
             raises; None uses the process group's timeout.
+        module: the model; with ``broadcast_buffers`` its buffers (BatchNorm statistics) are
+            broadcast from the group's first rank before every training forward, as DDP does.
+        broadcast_buffers: switch for the above (needs ``module``).
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
         no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype:
             as ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
             bucket on this rank's chunks, which are already consecutive views of one buffer;
             ``state_dtype`` stores this rank's chunks of the rule buffers in that dtype.
 
-    Every rank must produce gradients for the same parameters in a step (as with DDP's default
-    ``find_unused_parameters=False``). Accumulate micro-batches inside ``no_sync()``.
+    After backward the gradients belong to the optimizer (see ``grad_sync``): clip with
+    ``max_grad_norm`` or ``clip_grad_norm_``, scale the loss with ``ShardedGradScaler``; an edit
+    of ``p.grad`` after backward raises. A parameter some ranks produce no gradient for gets the
+    mean with zeros; one no rank produces a gradient for is not updated. ``requires_grad`` may
+    change between steps. Accumulate micro-batches inside ``no_sync()``.
     """
+
+    # torch's GradScaler hands the scale and the overflow flag to step() (see ``amp``).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
                  process_group: dist.ProcessGroup | None = None, sam_mode: str = "global",
                  bucket_cap_mb: float = 25, timeout: float | datetime.timedelta | None = None,
+                 module: nn.Module | None = None, broadcast_buffers: bool = True,
                  lr: float = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int | None = 5, lookahead_alpha: float = 0.5,
                  betas: tuple[float, ...] | None = None, eps: float = 1e-8,
@@ -144,6 +155,8 @@ class ShardedNeuroOptima(Optimizer):
         self._constructed = False
         self._sam_phase: str | None = None  # None, "global" or "local" between the passes
         self._no_sync = False
+        self._clipped = False  # clip_grad_norm_ ran on this step's gradients
+        self._amp_agreed = False  # ShardedGradScaler checked this step's gradients
         super().__init__(params, defaults)
         self._check_same_on_all_ranks()
         self._constructed = True
@@ -165,17 +178,10 @@ class ShardedNeuroOptima(Optimizer):
                         for group in self.param_groups]
         self._inner = _ShardOptimizer(inner_groups, group=process_group, timeout=self.timeout,
                                       **defaults)
-        self._hooks = []
-        owner = weakref.ref(self)  # the hooks must not keep a discarded optimizer alive
-
-        def hook(p: Tensor) -> None:
-            optimizer = owner()
-            if optimizer is not None:
-                optimizer._grad_ready(p)
-
-        for p in params_:
-            if p.requires_grad:
-                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
+        self._sync = GradientSync(self._buckets, process_group, self.world_size, self.timeout,
+                                  suspended=lambda: self._no_sync or self._holds_first_pass())
+        self._buffers = (BufferBroadcast(module, process_group, self.timeout)
+                         if module is not None and broadcast_buffers else None)
 
     # ---------------------------------------------------------------- construction
 
@@ -226,10 +232,10 @@ class ShardedNeuroOptima(Optimizer):
             bucket.write_params(full)
 
     def remove_hooks(self) -> None:
-        """Detach the gradient hooks (the optimizer stops synchronizing gradients)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Detach the gradient and buffer hooks (the optimizer stops synchronizing)."""
+        self._sync.remove_hooks()
+        if self._buffers is not None:
+            self._buffers.remove()
 
     # ---------------------------------------------------------------- properties
 
@@ -265,49 +271,94 @@ class ShardedNeuroOptima(Optimizer):
         # SAM-local's first pass perturbs with the local gradient: nothing to reduce.
         return self.sam_mode == "local" and self._sam_phase is None and self.sam_enabled
 
-    def _grad_ready(self, p: Tensor) -> None:
-        if self._no_sync or self._holds_first_pass():
-            return
-        bucket, slot = self._slots[p]
-        if bucket.launched:
-            raise RuntimeError("a gradient was produced twice before step(): accumulate "
-                               "micro-batches inside optimizer.no_sync() and run the last "
-                               "backward outside it")
-        bucket.ready.add(slot.index)
-        if len(bucket.ready) == bucket.expected:
-            self._launch(bucket)
-
-    def _launch(self, bucket: Bucket) -> None:
-        bucket.send = bucket.pack_grads()
-        bucket.work = reduce_scatter_flat(bucket.grad, bucket.send, self.process_group)
-        bucket.ready.clear()
-
-    @torch.no_grad()
     def _finish_reduction(self) -> None:
-        """Start the buckets backward left incomplete, wait for all, give chunks their grads."""
-        for bucket in self._buckets:
-            if not bucket.launched and any(s.param.grad is not None for s in bucket.slots):
-                self._launch(bucket)
-        for i, bucket in enumerate(self._buckets):
-            if not bucket.launched:
-                for slot in bucket.slots:
-                    self._chunks[slot.param].grad = None
-                continue
-            wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
-            bucket.work, bucket.send = None, None
-            bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
-            for slot, had_grad in zip(bucket.slots, bucket.had_grad):
-                self._chunks[slot.param].grad = (bucket.chunk_view(bucket.grad, slot)
-                                                 if had_grad else None)
+        self._sync.reduce(self._chunks)
 
     def _discard_pending(self) -> None:
-        for i, bucket in enumerate(self._buckets):
-            bucket.ready.clear()
-            if bucket.launched:
-                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
-                bucket.work, bucket.send = None, None
+        self._sync.discard()
         for chunk in self._chunks.values():
             chunk.grad = None
+        self._clipped = False
+        self._amp_agreed = False
+
+    # ---------------------------------------------------------------- clipping and AMP
+
+    def _reduced_grads(self) -> list[Tensor]:
+        self._finish_reduction()
+        return [c.grad for c in self._chunks.values() if c.grad is not None]
+
+    def _reduced_stats(self, grads: list[Tensor], *, norm: bool) -> Tensor:
+        """Global ``[sum of squares, non-finite count]`` of the reduced gradients: each rank's
+        chunks, one all-reduce of 16 bytes."""
+        device = self._buckets[0].device if self._buckets else None
+        stats = local_norm_stats(grads, device, norm=norm)
+        return all_reduce_norm_stats(stats, self.process_group, self.timeout)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> Tensor:
+        """Clip the reduced gradients to a global L2 norm of ``max_norm``; returns the norm.
+
+        Call between backward and step, instead of ``torch.nn.utils.clip_grad_norm_`` (which
+        would see only this rank's unreduced ``p.grad``). The norm comes from each rank's chunks
+        and one scalar all-reduce, as FSDP's ``clip_grad_norm_``; the scaling is
+        ``torch.nn.utils.clip_grad_norm_``'s, ``max_norm / (norm + 1e-6)`` capped at 1. With a
+        loss scaler, call ``scaler.unscale_(optimizer)`` first.
+        """
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm < 0:
+            raise ValueError(f"max_norm must be a real number >= 0, got {max_norm!r}")
+        if norm_type != 2.0:
+            raise ValueError(f"norm_type must be 2.0 (the L2 norm, which the sharded norm "
+                             f"statistics sum), got {norm_type!r}")
+        grads = self._reduced_grads()
+        stats = self._reduced_stats(grads, norm=True)
+        total = torch.where(stats[1] > 0, torch.full_like(stats[0], float("nan")),
+                            stats[0].sqrt())
+        if error_if_nonfinite and bool(stats[1] > 0):
+            raise RuntimeError("the total norm of the gradients is non-finite, so it cannot be "
+                               "clipped; set error_if_nonfinite=False to let the step skip it")
+        if grads:
+            coef = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        self._clipped = True
+        return total.float()
+
+    @torch.no_grad()
+    def _unscale_reduced_(self, inv_scale: Tensor | None) -> Tensor:
+        """For ``ShardedGradScaler``: multiply the reduced gradients by ``inv_scale`` (None:
+        leave them) and return the all-ranks overflow flag, a float32 tensor of shape (1,)."""
+        if inv_scale is not None and self._clipped:
+            raise RuntimeError("scaler.unscale_(optimizer) after optimizer.clip_grad_norm_(): "
+                               "the norm was taken of loss-scaled gradients; unscale first")
+        grads = self._reduced_grads()
+        if inv_scale is not None and grads:
+            torch._foreach_mul_(grads, inv_scale.to(grads[0].device, grads[0].dtype))
+        stats = self._reduced_stats(grads, norm=False)
+        self._amp_agreed = True
+        return (stats[1:] > 0).float()
+
+    def _apply_loss_scale(self) -> None:
+        """torch's ``_step_supports_amp_scaling`` protocol: ``grad_scale`` (None once
+        unscaled) and ``found_inf`` are set on the optimizer by ``GradScaler.step``."""
+        if getattr(self, "found_inf", None) is None:
+            return
+        if not self._amp_agreed:
+            raise RuntimeError(
+                "torch's GradScaler checks each rank's unreduced p.grad, so ranks would take "
+                "different overflow decisions and keep different loss scales; use "
+                "neurooptima.distributed.ShardedGradScaler (same arguments) with "
+                "ShardedNeuroOptima")
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is None:
+            return
+        if self._clipped:
+            raise RuntimeError("optimizer.clip_grad_norm_() ran on loss-scaled gradients: call "
+                               "scaler.unscale_(optimizer) before clipping, or clip with "
+                               "max_grad_norm=..., which acts after unscaling")
+        grads = self._reduced_grads()
+        if grads:
+            inv_scale = grad_scale.double().reciprocal().float()
+            torch._foreach_mul_(grads, inv_scale.to(grads[0].device, grads[0].dtype))
 
     @torch.no_grad()
     def _gather_weights(self) -> None:
@@ -342,8 +393,9 @@ class ShardedNeuroOptima(Optimizer):
     # ---------------------------------------------------------------- SAM phases
 
     @torch.no_grad()
-    def first_step(self) -> None:
-        """SAM's first phase (after the first backward): move the weights to ``w + e``."""
+    def first_step(self, zero_grad: bool = False) -> None:
+        """SAM's first phase (after the first backward): move the weights to ``w + e``;
+        ``zero_grad=True`` then zeroes the gradients for the second pass."""
         if self._sam_phase is not None:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
         self._sync_groups_to_inner()
@@ -357,8 +409,9 @@ class ShardedNeuroOptima(Optimizer):
         else:
             self._perturb_locally()
             self._sam_phase = "local"
-        for chunk in self._chunks.values():
-            chunk.grad = None
+        self._discard_pending()
+        if zero_grad:
+            self.zero_grad()
 
     def _perturb_locally(self) -> None:
         """SAM-local: this rank's own gradient and norm perturb its full weights."""
@@ -379,11 +432,14 @@ class ShardedNeuroOptima(Optimizer):
                 perturb_(params, grads, rho=group["sam_rho"], norm=norm,
                          adaptive=group["sam_adaptive"], eta=group["sam_eta"])
 
-    def second_step(self) -> None:
-        """SAM's second phase (after the second backward): restore ``w`` and update."""
+    def second_step(self, zero_grad: bool = False) -> None:
+        """SAM's second phase (after the second backward): restore ``w`` and update;
+        ``zero_grad=True`` then zeroes the gradients."""
         if self._sam_phase is None:
             raise RuntimeError("second_step() needs a preceding first_step()")
         self.step()
+        if zero_grad:
+            self.zero_grad()
 
     # ---------------------------------------------------------------- step
 
@@ -397,15 +453,17 @@ class ShardedNeuroOptima(Optimizer):
         phase = self._sam_phase
         if phase is None:
             self._pull_chunks()
-        self._finish_reduction()
-        if phase == "global":
-            self._inner.step()  # restores the owned chunks from sam.origin, then updates
-        else:
-            self._inner.update_only()  # plain step, or SAM-local (the chunks still hold w)
+        try:
+            self._finish_reduction()
+            self._apply_loss_scale()
+            if phase == "global":
+                self._inner.step()  # restores the owned chunks from sam.origin, then updates
+            else:
+                self._inner.update_only()  # plain step, or SAM-local (chunks still hold w)
+        finally:
+            self._discard_pending()
         self._sam_phase = None
         self._gather_weights()
-        for chunk in self._chunks.values():
-            chunk.grad = None
         self._sync_groups_from_inner()
 
     # ---------------------------------------------------------------- full state dict

@@ -1,0 +1,191 @@
+"""Gradient synchronization of ``ShardedNeuroOptima``: from each rank's ``p.grad`` to the reduced
+gradient chunks the inner optimizer updates with.
+
+    backward: post-accumulate-grad hook per parameter -> a bucket whose gradients are all ready
+              starts its reduce-scatter, buckets strictly in index order (every rank issues the
+              same collectives in the same order, whatever its own graph produced)
+    end of backward (autograd callback): every remaining bucket that holds a trainable
+              parameter starts its reduce-scatter, missing gradients sent as zeros
+    step: wait, average over ranks, hand each chunk its reduced gradient
+
+A parameter gets a gradient if any rank produced one: the mean with zeros from the ranks that
+did not, as DDP with ``find_unused_parameters=True``; one that no rank produced gets none and is
+not updated, as in one process. The use counts ride in the reduce-scatter (``flat_shards``).
+
+After backward the gradients belong to the optimizer: they are already on their way to their
+owners, so an edit of ``p.grad`` (``torch.nn.utils.clip_grad_norm_``, a manual rescale) would be
+silently lost. Each packed gradient's identity and version counter are recorded, and ``reduce``
+raises when one changed. Clipping and loss-scale unscaling go through the optimizer instead.
+``requires_grad`` may change between steps: hooks are added for parameters that start to train.
+"""
+
+from __future__ import annotations
+
+import datetime
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd import Variable
+
+from .collectives import reduce_scatter_flat, wait
+from .flat_shards import Bucket
+
+__all__ = ["GradientSync", "GRADIENT_EDIT_ERROR"]
+
+GRADIENT_EDIT_ERROR = (
+    "ShardedNeuroOptima reduces gradients across ranks during backward(), so an edit of p.grad "
+    "after backward would be lost. Clip with max_grad_norm=... or optimizer.clip_grad_norm_("
+    "max_norm) between backward and step; with mixed precision use "
+    "neurooptima.distributed.ShardedGradScaler (its unscale_ and step work on the reduced "
+    "gradients); change gradients before they are reduced with a hook on the tensor "
+    "(p.register_hook) instead")
+
+
+class GradientSync:
+    """Hooks, bucket launches and the wait for the reduced gradients of one optimizer."""
+
+    def __init__(self, buckets: list[Bucket], process_group, world_size: int,
+                 timeout: datetime.timedelta | None, suspended: Callable[[], bool]) -> None:
+        self.buckets = buckets
+        self.process_group = process_group
+        self.world_size = world_size
+        self.timeout = timeout
+        self._suspended = suspended  # no_sync(), or SAM-local's first pass
+        self._slots = {slot.param: (i, slot) for i, bucket in enumerate(buckets)
+                       for slot in bucket.slots}
+        self._next = 0  # the first bucket not launched yet: launches go in index order
+        self._callback_queued = False
+        self.reduced = False  # this step's gradients are in the chunks
+        self._packed: dict[int, tuple[weakref.ref | None, int]] = {}  # slot index -> grad, version
+        self._hooked: set[int] = set()
+        self._hooks: list = []
+        self.add_hooks()
+
+    # ------------------------------------------------------------------ hooks
+
+    def add_hooks(self) -> None:
+        """Hook every parameter that trains now and has no hook yet (gradual unfreezing)."""
+        owner = weakref.ref(self)  # the hooks must not keep a discarded optimizer alive
+
+        def hook(p: Tensor) -> None:
+            sync = owner()
+            if sync is not None:
+                sync._grad_ready(p)
+
+        for param, (_, slot) in self._slots.items():
+            if param.requires_grad and slot.index not in self._hooked:
+                self._hooks.append(param.register_post_accumulate_grad_hook(hook))
+                self._hooked.add(slot.index)
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked = [], set()
+
+    def _grad_ready(self, p: Tensor) -> None:
+        if self._suspended():
+            return
+        position, slot = self._slots[p]
+        if position < self._next:  # its bucket is already on its way
+            raise RuntimeError("a gradient was produced twice before step(): accumulate "
+                               "micro-batches inside optimizer.no_sync() and run the last "
+                               "backward outside it")
+        if not self._callback_queued:
+            Variable._execution_engine.queue_callback(self._backward_ended)
+            self._callback_queued = True
+        self.buckets[position].ready.add(slot.index)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Start the reduce-scatter of every complete bucket up to the first incomplete one."""
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if bucket.trainable() and len(bucket.ready) < bucket.expected():
+                return
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self._next]
+        self._next += 1
+        if not bucket.trainable():
+            return  # frozen on every rank: nothing to reduce
+        bucket.send = bucket.pack_grads()
+        for slot in bucket.slots:
+            g = slot.param.grad
+            self._packed[slot.index] = (None, 0) if g is None else (weakref.ref(g), g._version)
+        bucket.work = reduce_scatter_flat(bucket.received, bucket.send, self.process_group)
+        bucket.ready.clear()
+
+    def _backward_ended(self) -> None:
+        self._callback_queued = False
+        self.launch_all()
+
+    def launch_all(self) -> None:
+        """Start every bucket not started yet (the end of backward, or a step without hooks)."""
+        self.add_hooks()
+        while self._next < len(self.buckets):
+            self._launch_next()
+
+    @property
+    def started(self) -> bool:
+        return self._next > 0
+
+    # ------------------------------------------------------------------ step
+
+    def _check_unchanged(self) -> None:
+        for bucket in self.buckets[:self._next]:
+            if bucket.work is None:
+                continue  # frozen, never sent
+            for slot in bucket.slots:
+                ref, version = self._packed[slot.index]
+                g = slot.param.grad
+                packed = ref() if ref is not None else None
+                if g is not packed or (g is not None and g._version != version):
+                    raise RuntimeError(
+                        f"the gradient of parameter {slot.index} (shape "
+                        f"{tuple(slot.param.shape)}) changed after backward. "
+                        + GRADIENT_EDIT_ERROR)
+
+    @torch.no_grad()
+    def reduce(self, chunks: dict[Tensor, Tensor]) -> None:
+        """Wait for every reduce-scatter; give each chunk the mean gradient, or None when no rank
+        produced one. A rank that ran no backward still sends zeros, so the collectives match.
+        Idempotent until ``discard``."""
+        if self.reduced:
+            return
+        self.reduced = True
+        self.launch_all()  # no-op after a backward; else gradients set by hand, or none here
+        self._check_unchanged()
+        launched = []
+        for i, bucket in enumerate(self.buckets):
+            if bucket.work is not None:
+                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
+                bucket.work, bucket.send = None, None
+                bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
+                launched.append(bucket)
+            else:
+                for slot in bucket.slots:
+                    chunks[slot.param].grad = None
+        if not launched:
+            return
+        # One host read for all buckets: which parameters some rank produced a gradient for.
+        used = torch.cat([bucket.use_counts for bucket in launched]).tolist()
+        flags = iter(used)
+        for bucket in launched:
+            for slot in bucket.slots:
+                chunks[slot.param].grad = (bucket.chunk_view(bucket.grad, slot)
+                                           if next(flags) > 0 else None)
+
+    def discard(self) -> None:
+        """Forget this step's gradients: wait for what is in flight, reset for a new backward."""
+        for i, bucket in enumerate(self.buckets):
+            bucket.ready.clear()
+            if bucket.work is not None:
+                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
+                bucket.work, bucket.send = None, None
+        self._next = 0
+        self._packed.clear()
+        self.reduced = False
+        self.add_hooks()
