@@ -36,15 +36,17 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv-ReLU-maxpool stages, global average pooling, two linear layers."""
+    """Two conv-ReLU-maxpool stages, average pooling to ``spatial`` x ``spatial`` (1: global),
+    two linear layers."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32,
+                 spatial: int = 1) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(2 * width, 4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(spatial), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(2 * width * spatial ** 2, 4 * width), nn.ReLU(),
                                   nn.Linear(4 * width, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
