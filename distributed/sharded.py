@@ -37,6 +37,7 @@ from neurooptima.optimizer import run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.optimizer import CLIP_EPS
 from neurooptima.sam import norm_terms, perturb_
+from neurooptima.state_validation import check_state_dict
 from neurooptima.validation import check_group, prepare_group
 
 from .buffers import BufferBroadcast
@@ -337,11 +338,13 @@ class ShardedNeuroOptima(Optimizer):
         self._amp_agreed = True
         return (stats[1:] > 0).float()
 
-    def _apply_loss_scale(self) -> None:
+    def _apply_loss_scale(self) -> bool:
         """torch's ``_step_supports_amp_scaling`` protocol: ``grad_scale`` (None once
-        unscaled) and ``found_inf`` are set on the optimizer by ``GradScaler.step``."""
-        if getattr(self, "found_inf", None) is None:
-            return
+        unscaled) and ``found_inf`` are set on the optimizer by ``GradScaler.step``. Returns
+        whether the loss-scale overflow check (the same on every rank) skips this step."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False
         if not self._amp_agreed:
             raise RuntimeError(
                 "torch's GradScaler checks each rank's unreduced p.grad, so ranks would take "
@@ -350,7 +353,7 @@ class ShardedNeuroOptima(Optimizer):
                 "ShardedNeuroOptima")
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
-            return
+            return bool(found_inf.sum() > 0)
         if self._clipped:
             raise RuntimeError("optimizer.clip_grad_norm_() ran on loss-scaled gradients: call "
                                "scaler.unscale_(optimizer) before clipping, or clip with "
@@ -359,6 +362,9 @@ class ShardedNeuroOptima(Optimizer):
         if grads:
             inv_scale = grad_scale.double().reciprocal().float()
             torch._foreach_mul_(grads, inv_scale.to(grads[0].device, grads[0].dtype))
+        # As torch's GradScaler does for optimizers without the protocol: an overflow is the
+        # scaler's business (it backs off), not a non-finite skip of the optimizer's.
+        return bool(found_inf.sum() > 0)
 
     @torch.no_grad()
     def _gather_weights(self) -> None:
@@ -455,8 +461,10 @@ class ShardedNeuroOptima(Optimizer):
             self._pull_chunks()
         try:
             self._finish_reduction()
-            self._apply_loss_scale()
-            if phase == "global":
+            if self._apply_loss_scale():  # loss-scale overflow: no update on any rank
+                if phase == "global":
+                    self._inner._restore()
+            elif phase == "global":
                 self._inner.step()  # restores the owned chunks from sam.origin, then updates
             else:
                 self._inner.update_only()  # plain step, or SAM-local (chunks still hold w)
@@ -513,6 +521,10 @@ class ShardedNeuroOptima(Optimizer):
         """
         if self._sam_phase is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        # Refuse a checkpoint of another model or rule whole, before anything is loaded.
+        check_state_dict([group["params"] for group in self.param_groups], state_dict)
+        for saved in state_dict["param_groups"]:
+            check_group({k: v for k, v in saved.items() if k != "params"})
         self._discard_pending()
         # torch's loader checks the group sizes, maps indices to parameters and casts.
         super().load_state_dict(state_dict)
