@@ -275,3 +275,38 @@ def test_strategy_modules_do_not_import_each_other():
     deepspeed = _imports(ROOT / "launch" / "deepspeed_strategy.py")
     assert not {".strategies", "launch.strategies"} & deepspeed
     assert {".deepspeed_strategy"} & strategies  # the one direction: make_strategy uses it
+
+
+# ------------------------------------------------------------------ state bytes (README figures)
+
+
+def _state_bytes_per_param(optimizer, params, *, keys=None) -> float:
+    numel = sum(p.numel() for p in params)
+    total = 0
+    for p in params:
+        for key, value in optimizer.state[p].items():
+            if key != "step" and (keys is None or key in keys):
+                total += value.numel() * value.element_size()
+    return total / numel
+
+
+@pytest.mark.parametrize("update,buffers", [("adan", 16), ("lion", 4), ("lion_adan", 12)])
+def test_state_bytes_per_parameter_as_the_readme_states(update, buffers):
+    model = nn.Linear(64, 64)
+    params = list(model.parameters())
+    x = torch.randn(8, 64)
+    for state_dtype, rule_bytes in ((None, buffers), (torch.bfloat16, buffers // 2)):
+        optimizer = NeuroOptima(params, update=update, state_dtype=state_dtype)
+        model(x).square().mean().backward()
+        optimizer.first_step(zero_grad=True)  # between the passes SAM holds its restore data
+        sam_bytes = 4 if state_dtype is None else 2
+        # before the first update: slow weights and SAM's restore data only
+        assert _state_bytes_per_param(optimizer, params) == 4 + sam_bytes
+        model(x).square().mean().backward()
+        optimizer.second_step(zero_grad=True)
+        assert _state_bytes_per_param(optimizer, params) == rule_bytes + 4  # + slow weights
+        assert all(optimizer.state[p]["step"].numel() == 1 for p in params)
+    adamw = torch.optim.AdamW(params)
+    model(x).square().mean().backward()
+    adamw.step()
+    assert _state_bytes_per_param(adamw, params) == 8
