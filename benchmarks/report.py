@@ -351,6 +351,21 @@ def convergence_section(conv: dict, detail: bool) -> str:
     return "\n".join(out)
 
 
+def early_training_section(conv: dict) -> str:
+    """What still holds of the earlier 40-step convergence runs: the full- vs reduced-precision
+    state comparison (same protocol on both sides). Their accuracy rows measured start-up noise
+    and are superseded by the time-to-target suite."""
+    state = state_dtype_section(conv)
+    if not state:
+        return ""
+    return "\n".join([
+        "### Optimizer state precision (early-training runs, `convergence.json`)", "",
+        f"Made by `{conv['command']}`: runs of a few hundred steps at most (profile "
+        f"`{conv['profile']}`), too short to compare optimizers (the suite above does that), "
+        "but long enough to compare one configuration with itself at two state precisions.",
+        "", state, ""])
+
+
 # ------------------------------------------------------------------ communication
 
 def communication_section(comm: dict) -> str:
@@ -416,20 +431,34 @@ def generic_section(name: str, data) -> str | None:
 # ------------------------------------------------------------------ assembly
 
 def load_results(results: Path) -> dict[str, object]:
-    return {p.name: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+    """Every JSON in ``results`` by file name, and under ``SUITE_KEY`` the analysis of the
+    time-to-target suite's records in ``results/suite`` (when there are any)."""
+    loaded: dict[str, object] = {p.name: json.loads(p.read_text())
+                                 for p in sorted(results.glob("*.json"))}
+    folder = results / "suite"
+    if folder.is_dir() and any(folder.glob("*.jsonl")):
+        import suite
+        import suite_report
+        meta_path = folder / "suite_meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+        loaded[SUITE_KEY] = suite_report.analyse(suite.load_records(folder), meta)
+    return loaded
 
 
 def render(results: dict[str, object], detail: bool) -> str:
     """The markdown for every result file, in a fixed order."""
     parts = []
+    if SUITE_KEY in results:
+        import suite_report
+        parts.append(suite_report.markdown(results[SUITE_KEY]))
     if "convergence.json" in results:
-        parts.append(convergence_section(results["convergence.json"], detail))
+        parts.append(early_training_section(results["convergence.json"]))
     if "communication.json" in results:
         parts.append(communication_section(results["communication.json"]))
     if "sharded.json" in results:
         parts.append(sharded_section(results["sharded.json"]))
     for name, data in results.items():
-        if name in ("convergence.json", "communication.json", "sharded.json"):
+        if name in ("convergence.json", "communication.json", "sharded.json", SUITE_KEY):
             continue
         section = generic_section(f"{Path(name).stem.replace('_', ' ')} (`{name}`)", data)
         if section:
@@ -491,7 +520,10 @@ def plots(results: dict[str, object], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    conv = results.get("convergence.json")
+    if SUITE_KEY in results:
+        import suite_report
+        written += suite_report.plots(results[SUITE_KEY], out_dir)
+    conv = None  # the 40-step convergence runs are no longer plotted (superseded by the suite)
     if conv:
         by_task = _rows_by_task(conv)
         for task_result in conv["tasks"]:

@@ -1,6 +1,6 @@
 """Run every benchmark, then the report.
 
-    python benchmarks/run_all.py --smoke    # CI: < 1 min, embedded digits data, temp folder
+    python benchmarks/run_all.py --smoke    # CI: < 1 min (the suite's quick profile), temp folder
     python benchmarks/run_all.py --quick    # every benchmark reduced, < 10 min, temp folder
     python benchmarks/run_all.py --full     # the committed results: benchmarks/results/ + README
 
@@ -33,14 +33,15 @@ def _torchrun() -> list[str]:
 
 def plan(mode: str, out: Path) -> list[tuple[str, list[str]]]:
     """(name, command) of each benchmark in ``mode``."""
+    suite = [PY, str(BENCH / "suite.py")]
     if mode == "smoke":
-        return [("convergence", [PY, str(BENCH / "convergence.py"), "--profile", "smoke",
-                                 "--workers", "1", "--out", str(out / "convergence.json")])]
+        return [("suite", suite + ["--profile", "quick", "--out", str(out / "suite")])]
     quick = ["--quick"] if mode == "quick" else []
-    conv_profile = "quick" if mode == "quick" else "full"
     return [
-        ("convergence", [PY, str(BENCH / "convergence.py"), "--profile", conv_profile,
-                         "--workers", "2", "--out", str(out / "convergence.json")]),
+        # full: runs or resumes the whole time-to-target suite (hours on two cores; it skips
+        # every run already recorded in benchmarks/results/suite/)
+        ("suite", suite + (["--profile", "quick", "--out", str(out / "suite")] if quick
+                           else [])),
         ("communication", [PY, str(BENCH / "communication.py"), *quick,
                            "--out", str(out / "communication.json")]),
         ("step_speed", [PY, str(BENCH / "step_speed.py"), *quick,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="results folder for --smoke/--quick (default: a new temp folder)")
     parser.add_argument("--only", nargs="+", default=None,
-                        help="run only these benchmarks (convergence, communication, "
+                        help="run only these benchmarks (suite, communication, "
                              "step_speed, memory, sharded)")
     args = parser.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import statistics
@@ -18,6 +19,8 @@ RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
+import suite  # noqa: E402
+import suite_report  # noqa: E402
 
 
 def _block(text: str) -> str:
@@ -31,37 +34,52 @@ def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench-smoke")
     # Files a smoke run would write if it ignored --out-dir (others' results may change
     # meanwhile: the tree is shared).
-    mine = [RESULTS / "convergence.json", RESULTS / "REPORT.md", ROOT / "README.md"]
+    # (A full suite run may be appending records meanwhile, so the suite's record files are
+    # checked by content: no record of the quick profile.)
+    mine = [RESULTS / "REPORT.md", ROOT / "README.md", RESULTS / "suite" / "suite_meta.json"]
     committed = {p: p.stat().st_mtime_ns for p in mine if p.exists()}
     subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--smoke", "--out-dir", str(out)],
                    cwd=ROOT, check=True, timeout=600)
     # The smoke run must not touch the committed results.
     assert {p: p.stat().st_mtime_ns for p in committed} == committed
+    assert all(r.get("profile", "full") == "full"
+               for r in suite.load_records(RESULTS / "suite"))
     return out
 
 
-def test_smoke_run_writes_results_report_and_plots(smoke):
-    conv = json.loads((smoke / "convergence.json").read_text())
-    assert conv["profile"] == "smoke"
+def test_smoke_run_writes_records_report_and_plots(smoke):
+    records = suite.load_records(smoke / "suite")
     assert (smoke / "REPORT.md").is_file()
-    assert list(smoke.glob("convergence_*_curves.png"))
-    task = conv["tasks"][0]
-    steps = task["task"]["steps"]
-    for run in task["runs"]:
-        sam = conv["optimizers"][run["optimizer"]]["sam"]
-        assert run["steps"] == steps
-        assert run["grad_evals"] == steps * (2 if sam else 1)
-        assert 0.0 <= run["final_acc"] <= 1.0
-        assert run["curve"][-1]["steps"] == steps
-        assert any(p["steps"] == steps // 2 for p in run["curve"])
-    # The chosen LR is the grid point with the best validation accuracy.
-    for name, lr in task["chosen_lr"].items():
-        grid = [r for r in task["selection"] if r["optimizer"] == name]
-        assert len(grid) == len(conv["optimizers"][name]["lr_grid"])
-        assert max(grid, key=lambda r: r["final_acc"])["final_acc"] == \
-            [r for r in grid if r["lr"] == lr][0]["final_acc"]
+    assert (smoke / "suite_digits-mlp.png").is_file()
+    assert {r["candidate"] for r in records} == set(suite.CANDIDATES)
+    for rec in records:
+        cand = suite.CANDIDATES[rec["candidate"]]
+        assert rec["steps"] == rec["budget_steps"] or rec["diverged"]
+        assert rec["grad_evals_per_step"] == (2 if cand.sam else 1)
+        assert rec["curve"][-1][0] == rec["steps"]
+        cpu = [p[1] for p in rec["curve"]]
+        assert cpu == sorted(cpu)
+    # Every candidate's chosen LR is interior to the range it searched (or the search was capped),
+    # and its seeds ran at that LR.
+    result = suite_report.analyse(records, {"profile": "quick", "seeds": 2})
+    for row in result["workloads"]["digits-mlp"]["rows"].values():
+        assert row["complete"]
+        assert not row["lr_edge"] or len(row["lr_tried"]) == suite.MAX_LR_TRIALS
+        assert {r["lr"] for r in row["runs"]} == {row["lr"]}
     readme = (smoke / "README.md").read_text()
     assert _block(readme) == report.readme_block(report.load_results(smoke))
+
+
+def test_resumed_run_skips_existing_records(smoke, tmp_path):
+    folder = tmp_path / "suite"
+    shutil.copytree(smoke / "suite", folder)
+    before = (folder / "digits-mlp.jsonl").read_text()
+    done = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--profile", "quick",
+                           "--out", str(folder), "--only", "AdamW"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "0 new runs" in done.stdout
+    assert (folder / "digits-mlp.jsonl").read_text() == before
 
 
 def test_check_fails_on_a_stale_block(smoke, tmp_path):
@@ -79,12 +97,16 @@ def test_check_fails_on_a_stale_block(smoke, tmp_path):
 def _committed_results(folder: Path) -> Path:
     """The results JSON that git tracks, copied to ``folder`` (all of them outside a checkout):
     files a benchmark has just written but nobody committed yet are not part of the README."""
-    listed = subprocess.run(["git", "ls-files", "benchmarks/results/*.json"], cwd=ROOT,
+    listed = subprocess.run(["git", "ls-files", "benchmarks/results/*.json",
+                             "benchmarks/results/suite/*"], cwd=ROOT,
                             capture_output=True, text=True)
     names = listed.stdout.split() if listed.returncode == 0 else []
-    paths = [ROOT / n for n in names] if names else list(RESULTS.glob("*.json"))
+    paths = ([ROOT / n for n in names] if names else
+             [*RESULTS.glob("*.json"), *(RESULTS / "suite").glob("*")])
     for path in paths:
-        shutil.copyfile(path, folder / path.name)
+        target = folder / path.relative_to(RESULTS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
     return folder
 
 
@@ -107,27 +129,78 @@ def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_readme_accuracies_recomputed_from_the_runs():
-    """Independent of report.py's arithmetic: mean and std of each optimizer's per-seed final
-    test accuracy, recomputed from the raw runs, are what the report shows."""
-    path = RESULTS / "convergence.json"
-    if not path.exists():
-        pytest.skip("no committed convergence results")
-    conv = json.loads(path.read_text())
-    block = report.render(report.load_results(RESULTS), detail=True)
-    shown = []
-    for task in conv["tasks"]:
-        section = block.split(f"#### {task['task']['name']}", 1)[1].split("####", 1)[0]
-        rows = {r[0]: r for r in _table_rows(section, "optimizer | LR")}
-        by_opt: dict[str, list[float]] = {}
-        for run in task["runs"]:
-            by_opt.setdefault(run["optimizer"], []).append(run["final_acc"])
-        assert set(rows) == set(by_opt)
-        for name, accs in by_opt.items():
-            mean, std = statistics.mean(accs), statistics.stdev(accs)
-            assert rows[name][2] == f"{100 * mean:.1f} ± {100 * std:.1f}", (task, name)
-            shown.append(name)
-    assert shown
+def _committed_records(tmp_path) -> list[dict]:
+    folder = _committed_results(tmp_path) / "suite"
+    records = suite.load_records(folder) if folder.is_dir() else []
+    if not records:
+        pytest.skip("no committed suite records")
+    return records
+
+
+def test_verdict_table_recomputed_from_the_records(tmp_path):
+    """Independent of suite_report's arithmetic: target, median epochs to target and mean test
+    accuracy of AdamW and NeuroOptima default, recomputed from the raw records, are the numbers
+    README's verdict table shows."""
+    records = _committed_records(tmp_path)
+    block = _block((ROOT / "README.md").read_text())
+    speed_row = next(line for line in block.splitlines() if line.startswith("| faster"))
+    acc_row = next(line for line in block.splitlines() if line.startswith("| better"))
+    checked = 0
+    for name, w in suite._workloads(False).items():
+        def chosen(cand):
+            search = {r["lr"]: r for r in records if r["workload"] == name
+                      and r["candidate"] == cand and r["seed"] == suite.SELECTION_SEED}
+            if not search:
+                return []
+            sign = 1 if w.higher_is_better else -1
+            best = max(sorted(search), key=lambda lr: -math.inf if search[lr]["diverged"]
+                       else sign * search[lr]["curve"][-1][2])
+            return [r for r in records if r["workload"] == name and r["candidate"] == cand
+                    and r["seed"] < suite.SELECTION_SEED and r["lr"] == best]
+        adamw, neuro = chosen("AdamW"), chosen("NeuroOptima default")
+        if len(adamw) < 5 or len(neuro) < 5:
+            continue
+        at = []
+        for r in adamw:
+            goal = 0.85 * r["budget_steps"]
+            at.append(min(r["curve"], key=lambda p: abs(p[0] - goal))[2])
+        m = statistics.median(at)
+        target = (math.floor(m * 1000) / 1000 if w.higher_is_better
+                  else math.ceil(m * 200) / 200)
+
+        def epochs(r):
+            for step, _, v in r["curve"]:
+                if (v >= target) if w.higher_is_better else (v <= target):
+                    return step / r["steps_per_epoch"]
+            return math.inf
+        ne = statistics.median(sorted(epochs(r) for r in neuro))
+        ae = statistics.median(sorted(epochs(r) for r in adamw))
+        assert f"{name} {suite_report._fmt(ne, 2)} vs {suite_report._fmt(ae, 2)}" in speed_row
+        if w.higher_is_better:
+            na = statistics.fmean(r["test_final"]["acc"] for r in neuro)
+            aa = statistics.fmean(r["test_final"]["acc"] for r in adamw)
+            assert f"{name} {100 * na:.1f} vs {100 * aa:.1f}" in acc_row
+        checked += 1
+    if not checked:
+        pytest.skip("no workload with complete AdamW and NeuroOptima default rows yet")
+
+
+def test_complete_rows_chose_an_interior_lr(tmp_path):
+    """The runner widens the LR search until the best is interior before it runs the seeds."""
+    result = suite_report.analyse(_committed_records(tmp_path))
+    for name, wl in result["workloads"].items():
+        for cand, row in wl["rows"].items():
+            if row["complete"]:
+                assert not row["lr_edge"] or len(row["lr_tried"]) >= suite.MAX_LR_TRIALS, \
+                    (name, cand, row["lr"], row["lr_tried"])
+
+
+def test_adamw_reaches_its_target(tmp_path):
+    result = suite_report.analyse(_committed_records(tmp_path))
+    for name, wl in result["workloads"].items():
+        row = wl["rows"].get("AdamW")
+        if row and row["complete"]:
+            assert row["reached"] >= 4, (name, row["reached"])
 
 
 def test_readme_block_is_short_and_links_the_report():
