@@ -13,6 +13,7 @@ For the unsharded format of single-process ``NeuroOptima``, use
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -24,6 +25,8 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from neurooptima.functional import state_keys
+from neurooptima.state_validation import rule_mismatch
 from neurooptima.validation import check_group
 
 from .sharded import HYPER_KEYS, ShardedNeuroOptima
@@ -92,22 +95,82 @@ def _saved_entries(metadata: Metadata) -> dict[int, dict[str, TensorStorageMetad
     return entries
 
 
-@torch.no_grad()
-def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathLike) -> None:
-    """Load a DCP checkpoint saved by ``save_checkpoint`` on any number of ranks.
+def _saved_groups(optimizer: ShardedNeuroOptima, checkpoint_id) -> list[dict[str, Any]]:
+    """The checkpoint's param groups, checked against the optimizer (nothing is loaded yet)."""
+    loaded = {_GROUPS: ""}
+    dcp.load(loaded, checkpoint_id=checkpoint_id, process_group=optimizer.process_group)
+    groups = json.loads(loaded[_GROUPS])["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(groups)} param groups, the optimizer "
+                         f"{len(optimizer.param_groups)}")
+    checked = []
+    for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, groups)):
+        if saved_group["num_params"] != len(group["params"]):
+            raise ValueError(f"param group {i} has {len(group['params'])} parameters, the "
+                             f"checkpoint's has {saved_group['num_params']}")
+        if saved_group.get("update", "adan") != group["update"]:
+            raise ValueError(rule_mismatch(i, saved_group.get("update", "adan"),
+                                           group["update"]))
+        new = {k: group[k] for k in HYPER_KEYS}
+        new.update({k: saved_group[k] for k in HYPER_KEYS if k in saved_group})  # older
+        new["betas"] = tuple(new["betas"])  # checkpoints lack the newer options
+        if isinstance(new.get("state_dtype"), str):
+            dtype = getattr(torch, new["state_dtype"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"param group {i} of the checkpoint has state_dtype "
+                                 f"{new['state_dtype']!r}, which is not a torch dtype")
+            new["state_dtype"] = dtype
+        check_group(new)
+        new["skipped_steps"] = saved_group["skipped_steps"]
+        checked.append(new)
+    return checked
 
-    Replaces every buffer, counter and param-group setting; the model's weights are not part
-    of it (load them into the model as usual, the same on every rank).
-    """
-    if optimizer.in_second_pass:
-        raise RuntimeError("load_checkpoint() between first_step() and second_step()")
-    optimizer._discard_pending()
-    saved = _saved_entries(dcp.FileSystemReader(checkpoint_id).read_metadata())
+
+def _check_entries(optimizer: ShardedNeuroOptima, groups: list[dict[str, Any]],
+                   saved: dict[int, dict[str, TensorStorageMetadata]]) -> None:
+    """Every saved buffer belongs to its group's rule and has its parameter's size."""
     slots = {slot.index: slot for slot in optimizer._slot_list()}
     unknown = sorted(set(saved) - set(slots))
     if unknown:
         raise ValueError(f"the checkpoint holds state for parameter indices {unknown}, but the "
                          f"optimizer has {len(slots)} parameters")
+    rule_of, index = {}, 0
+    for group, new in zip(optimizer.param_groups, groups):
+        for _ in group["params"]:
+            rule_of[index] = new["update"]
+            index += 1
+    for index, keys in saved.items():
+        slot, rule = slots[index], rule_of[index]
+        allowed = set(state_keys(rule)) | {"lookahead.slow"}
+        for key, meta in keys.items():
+            if key == "step":
+                continue
+            if key not in allowed:
+                raise ValueError(f"parameter {index}: the checkpoint has {key!r}, which is not "
+                                 f"a buffer of its group's update={rule!r}")
+            if tuple(meta.size) != (slot.numel,):
+                raise ValueError(f"parameter {index}: the checkpoint's {key!r} has "
+                                 f"{math.prod(meta.size)} elements, the parameter (shape "
+                                 f"{tuple(slot.param.shape)}) {slot.numel}: it was saved from "
+                                 f"another model")
+
+
+@torch.no_grad()
+def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathLike) -> None:
+    """Load a DCP checkpoint saved by ``save_checkpoint`` on any number of ranks.
+
+    Replaces every buffer, counter and param-group setting; the model's weights are not part
+    of it (load them into the model as usual, the same on every rank). The checkpoint is checked
+    against the optimizer first (groups, parameter counts and sizes, update rules, settings):
+    a mismatch raises ``ValueError`` naming the parameter, and nothing is loaded.
+    """
+    if optimizer.in_second_pass:
+        raise RuntimeError("load_checkpoint() between first_step() and second_step()")
+    groups = _saved_groups(optimizer, checkpoint_id)
+    saved = _saved_entries(dcp.FileSystemReader(checkpoint_id).read_metadata())
+    _check_entries(optimizer, groups, saved)
+    optimizer._discard_pending()
+    slots = {slot.index: slot for slot in optimizer._slot_list()}
     mesh = _mesh(optimizer)
     new_state: dict[Tensor, dict[str, Any]] = {}
     request: dict[str, dict[str, Any]] = {}
@@ -116,36 +179,18 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
         chunk = optimizer._chunks[slot.param]
         entry, wanted = {}, {}
         for key, meta in keys.items():
-            if key != "step" and tuple(meta.size) == (slot.numel,):
+            if key != "step":
                 buffer = torch.zeros_like(chunk, dtype=meta.properties.dtype)
                 entry[key], wanted[key] = buffer, _sharded(buffer, slot, mesh)
             else:
                 entry[key] = wanted[key] = torch.zeros(meta.size, dtype=meta.properties.dtype)
         new_state[chunk] = entry
         request[str(index)] = wanted
-    loaded = {"state": request, _GROUPS: ""}
-    dcp.load(loaded, checkpoint_id=checkpoint_id, process_group=optimizer.process_group)
-
-    groups = json.loads(loaded[_GROUPS])["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise ValueError(f"the checkpoint has {len(groups)} param groups, the optimizer "
-                         f"{len(optimizer.param_groups)}")
-    for i, (group, saved_group) in enumerate(zip(optimizer.param_groups, groups)):
-        if saved_group["num_params"] != len(group["params"]):
-            raise ValueError(f"param group {i} has {len(group['params'])} parameters, the "
-                             f"checkpoint's has {saved_group['num_params']}")
-        for key in HYPER_KEYS:
-            if key in saved_group:  # checkpoints written before an option existed lack it
-                group[key] = saved_group[key]
-        group["betas"] = tuple(group["betas"])
-        if isinstance(group.get("state_dtype"), str):
-            dtype = getattr(torch, group["state_dtype"], None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"param group {i} of the checkpoint has state_dtype "
-                                 f"{group['state_dtype']!r}, which is not a torch dtype")
-            group["state_dtype"] = dtype
-        group["skipped_steps"] = saved_group["skipped_steps"]
-        check_group(group)
+    dcp.load({"state": request}, checkpoint_id=checkpoint_id,
+             process_group=optimizer.process_group)
+    # Only now, with everything read, replace the optimizer's settings and state.
+    for group, new in zip(optimizer.param_groups, groups):
+        group.update(new)
     optimizer.local_optimizer.state.clear()
     optimizer.local_optimizer.state.update(new_state)
     optimizer._sync_groups_to_inner()

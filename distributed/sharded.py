@@ -522,7 +522,8 @@ class ShardedNeuroOptima(Optimizer):
         if self._sam_phase is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         # Refuse a checkpoint of another model or rule whole, before anything is loaded.
-        check_state_dict([group["params"] for group in self.param_groups], state_dict)
+        check_state_dict([group["params"] for group in self.param_groups], state_dict,
+                         [group["update"] for group in self.param_groups])
         for saved in state_dict["param_groups"]:
             check_group({k: v for k, v in saved.items() if k != "params"})
         self._discard_pending()

@@ -17,14 +17,21 @@ from torch import Tensor
 
 from .functional import UPDATE_RULES, state_keys
 
-__all__ = ["check_state_dict"]
+__all__ = ["check_state_dict", "rule_mismatch"]
 
 _SHAPED_LIKE_PARAM = ("lookahead.slow",)  # besides the rule's buffers
 
 
-def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, Any]) -> None:
+def rule_mismatch(index: int, saved: str, current: str) -> str:
+    return (f"param group {index}: the checkpoint was saved with update={saved!r}, this "
+            f"optimizer has update={current!r}; its buffers are another rule's, so build the "
+            f"optimizer with update={saved!r} to resume it")
+
+
+def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, Any],
+                     rules: Sequence[str] | None = None) -> None:
     """Raise ``ValueError`` unless ``state_dict`` (the full, unsharded format) fits ``groups``,
-    this optimizer's parameters by group."""
+    this optimizer's parameters by group, and ``rules``, its groups' update rules (if given)."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as "
                          "optimizer.state_dict() returns")
@@ -38,6 +45,8 @@ def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, A
             raise ValueError(f"param group {i} of the state dict has {len(saved['params'])} "
                              f"parameters, the optimizer's {len(params_)}")
         rule = saved.get("update", "adan")
+        if rules is not None and rule != rules[i]:
+            raise ValueError(rule_mismatch(i, rule, rules[i]))
         if rule not in UPDATE_RULES:
             raise ValueError(f"param group {i} of the state dict has update={rule!r}, not one "
                              f"of {UPDATE_RULES}")

@@ -183,3 +183,42 @@ def test_bf16_state_resumes_the_exact_trajectory(world, shared_dir):
     again = ShardedNeuroOptima(make_model().parameters(), **HYPER)
     again.load_state_dict(full)
     assert _bf16_buffers(again)
+
+
+class _WideNet(torch.nn.Module):
+    """The test model's parameter count, another hidden width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = torch.nn.Linear(33, 19)
+        self.fc2 = torch.nn.Linear(19, 5)
+        self.gain = torch.nn.Parameter(torch.tensor([1.5, 0.5]))
+
+
+def _stepped(model, **hyper):
+    optimizer = ShardedNeuroOptima(model.parameters(), sam_rho=0.0, **hyper)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.1)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("case", ["other_model", "other_rule"])
+def test_sharded_checkpoint_from_elsewhere_is_refused_whole(world, shared_dir, case):
+    ckpt = os.path.join(shared_dir, "optimizer")
+    saved = _stepped(_WideNet() if case == "other_model" else make_model(0),
+                     update="adan" if case == "other_model" else "lion")
+    save_checkpoint(saved, ckpt)
+    optimizer = _stepped(make_model(0))
+    before = optimizer.state_dict()
+    groups = [dict(g) for g in optimizer.param_groups]
+    message = (r"parameter 1: .* has 627 elements.*\(17, 33\)"
+               if case == "other_model" else r"saved with update='lion'.*update='adan'")
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(optimizer, ckpt)
+    after = optimizer.state_dict()
+    for index, entry in before["state"].items():  # nothing half-loaded
+        for key, value in entry.items():
+            assert torch.equal(value, after["state"][index][key])
+    assert [g["update"] for g in optimizer.param_groups] == [g["update"] for g in groups]
