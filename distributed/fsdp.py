@@ -100,6 +100,7 @@ def for_fsdp(optimizer: NeuroOptima, model: nn.Module, *, sam_mode: str = "globa
                              "applied twice, or a distributed NeuroOptima subclass)")
         # The optimizer's own hook for distributed backends, set on this instance.
         optimizer._reduce_norm_stats = _AllReduceStats(group)
+    optimizer._fsdp_connected = True  # checked: the core's FSDP1 guard lets it step
     return optimizer
 
 

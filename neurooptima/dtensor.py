@@ -14,7 +14,7 @@ copies and are not summed.
 from __future__ import annotations
 
 import sys
-from typing import Hashable
+from typing import Any, Hashable
 
 import torch
 from torch import Tensor
@@ -103,3 +103,23 @@ def mesh_norm_stats(sharded: dict[tuple, list[Tensor]]) -> Tensor | None:
             torch.distributed.all_reduce(stats, group=mesh.get_group(dim))
         total = stats.cpu() if total is None else total + stats.cpu()
     return total
+
+
+def check_fsdp1_connected(optimizer: Any) -> None:
+    """Refuse FSDP1 pieces whose norms nobody sums across ranks.
+
+    FSDP1 (``use_orig_params=True``) hands the optimizer plain tensors that are this rank's piece
+    of a flat shard; nothing but FSDP's ``_fsdp_flattened`` mark tells them from whole
+    parameters. Without ``for_fsdp`` the SAM and clipping norms and the non-finite check would
+    be this rank's alone: a different perturbation, clip and skip decision on every rank.
+    """
+    if getattr(optimizer, "_fsdp_connected", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if getattr(p, "_fsdp_flattened", False):
+                raise RuntimeError(
+                    "the optimizer holds parameters of a FullyShardedDataParallel (FSDP1) "
+                    "model, whose pieces are sharded across ranks, but its norms are this "
+                    "rank's alone; call neurooptima.distributed.for_fsdp(optimizer, model) "
+                    "after building the optimizer")

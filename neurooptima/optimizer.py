@@ -27,12 +27,12 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from . import functional as F
-from .dtensor import local, local_list, mesh_norm_stats, split_for_norm
+from .dtensor import check_fsdp1_connected, local, local_list, mesh_norm_stats, split_for_norm
 from .lookahead import lookahead_sync_
 from .norms import local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
 from .validation import check_group, prepare_group
-from . import reduced_state
+from . import reduced_state, state_validation
 from .rules import compute_dtype_for, run_rule
 
 __all__ = ["NeuroOptima", "SkippedStepWarning"]
@@ -179,6 +179,9 @@ class NeuroOptima(Optimizer):
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
+        # A checkpoint of another model or rule, or a partial one, is refused before loading.
+        self.register_state_dict_post_hook(state_validation.record_state_count)
+        self.register_load_state_dict_pre_hook(state_validation.check_load)
 
     # ---------------------------------------------------------------- groups and state
 
@@ -296,6 +299,9 @@ class NeuroOptima(Optimizer):
 
         Distributed backends override this with one all-reduce.
         """
+        if not self.__dict__.get("_pieces_checked", False):
+            check_fsdp1_connected(self)
+            self._pieces_checked = True
         return stats
 
     def _global_norm(self, tensors: list[Tensor], owners: list[Tensor] | None = None, *,

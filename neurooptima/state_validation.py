@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .functional import UPDATE_RULES, state_keys
 
-__all__ = ["check_state_dict", "rule_mismatch"]
+__all__ = ["check_state_dict", "rule_mismatch", "record_state_count", "check_state_count",
+           "check_load", "STATE_COUNT"]
 
 _SHAPED_LIKE_PARAM = ("lookahead.slow",)  # besides the rule's buffers
 
@@ -73,3 +74,46 @@ def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, A
                 raise ValueError(f"parameter {index}: the state dict's {key!r} has shape {got}, "
                                  f"the parameter has shape {tuple(p.shape)}: it was saved from "
                                  f"another model")
+
+
+# ------------------------------------------------------------------ state saved vs state loaded
+
+STATE_COUNT = "params_with_state"  # per saved param group: parameters that had rule buffers
+
+_MATERIALIZE = ("with torch.distributed.checkpoint, the state dict to load into describes only "
+                "the state the fresh optimizer already has, so the rest of the checkpoint is "
+                "never read: call neurooptima.distributed.materialize_state(optimizer) before "
+                "get_optimizer_state_dict()")
+
+
+def _with_state(group: dict[str, Any], state: dict[Any, Any]) -> int:
+    first = state_keys(group.get("update", "adan"))[0]
+    return sum(1 for index in group["params"] if first in state.get(index, {}))
+
+
+def record_state_count(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` post-hook: each group records how many of its parameters had buffers."""
+    for group in state_dict["param_groups"]:
+        group[STATE_COUNT] = _with_state(group, state_dict["state"])
+    return state_dict
+
+
+def check_state_count(optimizer: Any, state_dict: dict[str, Any]) -> None:
+    """``load_state_dict`` pre-hook: a group whose checkpoint had update buffers gets some (a
+    load that read none of them, as through DCP into a fresh optimizer, is refused). Only none
+    at all is an error: a sharded framework may hold no piece, and so no state, of some
+    parameters on some ranks."""
+    for i, group in enumerate(state_dict.get("param_groups", [])):
+        saved = group.get(STATE_COUNT)
+        present = _with_state(group, state_dict.get("state", {}))
+        if saved and not present:
+            raise ValueError(f"param group {i}: the checkpoint was saved with update buffers "
+                             f"for {saved} parameters, but the state dict being loaded has "
+                             f"them for {present}; " + _MATERIALIZE)
+
+
+def check_load(optimizer: Any, state_dict: dict[str, Any]) -> None:
+    """``load_state_dict`` pre-hook of ``NeuroOptima``: shapes, rules and completeness."""
+    check_state_dict([group["params"] for group in optimizer.param_groups], state_dict,
+                     [group["update"] for group in optimizer.param_groups])
+    check_state_count(optimizer, state_dict)

@@ -67,14 +67,17 @@ def test_matches_single_process(world, update, adaptive):
     assert err <= FP32_RTOL, f"{update} asam={adaptive}: relative error {err:.2e}"
 
 
-def test_without_for_fsdp_the_norm_is_local(world):
-    """The reason for for_fsdp: FSDP1's pieces carry no sign of being pieces."""
+def test_without_for_fsdp_the_first_step_raises(world):
+    """FSDP1's pieces carry no sign of being pieces but FSDP's mark: without for_fsdp the norms
+    would be each rank's own, so the first step refuses and says what to call."""
     rank, size = world
     model = wrap(make_net())
     opt = NeuroOptima(model.parameters(), **HYPER)
-    train(model, opt, range(3), rank, size)
-    err = worst_rel_err(full_params(model), reference(3, **HYPER))
-    assert err > 1e-4
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"call neurooptima\.distributed\.for_fsdp"):
+        train(model, opt, range(1), rank, size)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    train(model, for_fsdp(opt, model), range(1), rank, size)  # connected, it steps
 
 
 def test_bf16_mixed_precision(world):

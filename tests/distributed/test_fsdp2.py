@@ -220,3 +220,24 @@ def test_dcp_reshards_between_world_sizes(world):
     gathered = [None] * size
     dist.all_gather_object(gathered, problems)
     assert not [p for ps in gathered for p in ps], gathered
+
+
+def test_dcp_load_into_a_fresh_optimizer_without_materialize_state_raises(world):
+    """A fresh optimizer's state dict lists only the slow weights, so DCP would read nothing
+    else; the load is refused with the call to make, and nothing is loaded."""
+    rank, size = world
+    box = [tempfile.mkdtemp(prefix="neurooptima-dcp-") if rank == 0 else None]
+    dist.broadcast_object_list(box)
+    ckpt = box[0]
+    mesh = _sub_mesh(size)
+    _save(mesh, ckpt)
+    net = shard(make_net(), mesh=mesh)
+    opt = NeuroOptima(net.parameters(), **DCP_KW)  # no materialize_state
+    sd = _state_dicts(net, opt)
+    dcp.load(sd, checkpoint_id=ckpt, process_group=mesh.get_group())
+    with pytest.raises(ValueError, match=r"materialize_state\(optimizer\)"):
+        set_state_dict(net, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    assert all("adan.exp_avg" not in s for s in opt.state.values())
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
