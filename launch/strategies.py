@@ -78,9 +78,11 @@ class ZeroStrategy(Strategy):
                                            **baseline_kwargs(self.args))
         from neurooptima.distributed.sharded import ShardedNeuroOptima
 
-        return ShardedNeuroOptima(self.module.parameters(),
+        # The module too: its buffers (BatchNorm statistics) are broadcast as DDP does.
+        return ShardedNeuroOptima(self.module.parameters(), module=self.module,
                                   sam_mode=self.args.sam_mode or "global",
                                   bucket_cap_mb=self.args.bucket_cap_mb,
+                                  timeout=getattr(self.args, "collective_timeout", None),
                                   **neurooptima_kwargs(self.args))
 
     def save(self, directory: Path) -> None:

@@ -56,6 +56,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return number
+
+
 def non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sam-mode", choices=("global", "local"), default=None,
                    help="zero/fsdp/deepspeed: SAM perturbation from the global batch "
                         "(default: global) or per replica")
+    d.add_argument("--collective-timeout", type=positive_float, default=300, metavar="SECONDS",
+                   help="how long a collective waits for its peers before this rank raises "
+                        "(default: 300)")
     d.add_argument("--bucket-cap-mb", type=float, default=25,
                    help="zero: gradient bucket size for the overlapped reduce-scatter")
     d.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None,
@@ -140,7 +150,8 @@ def init_distributed(args: argparse.Namespace) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     backend = "nccl" if _use_cuda(args) else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=5))
+    # A rank stuck in a collective makes its peers raise after this long, not gloo's 30 min.
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.collective_timeout))
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ first and last loss, the test accuracy and a checksum of the weights (equal on e
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 import torch
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--collective-timeout", type=float, default=300, metavar="SECONDS",
+                        help="how long a collective waits for its peers (default: 300)")
     parser.add_argument("--jit-ops", action="store_true",
                         help="let DeepSpeed JIT-build its ops (default: none are built)")
     parser = deepspeed.add_config_arguments(parser)
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.jit_ops:
         nds.disable_jit_ops()
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None)
+    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else None,
+                               timeout=datetime.timedelta(seconds=args.collective_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)
