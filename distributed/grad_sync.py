@@ -32,7 +32,12 @@ from torch.autograd import Variable
 from .collectives import reduce_scatter_flat, wait
 from .flat_shards import Bucket
 
-__all__ = ["GradientSync", "GRADIENT_EDIT_ERROR"]
+__all__ = ["GradientSync", "GRADIENT_EDIT_ERROR", "BUCKETS_IN_FLIGHT"]
+
+# Reduce-scatters in flight at once. Each holds a full-size send buffer (and on gloo a full-size
+# receive buffer) of its bucket; launching a third first completes the oldest, so these
+# transients stay within a few buckets however large the model is.
+BUCKETS_IN_FLIGHT = 2
 
 GRADIENT_EDIT_ERROR = (
     "ShardedNeuroOptima reduces gradients across ranks during backward(), so an edit of p.grad "
@@ -58,6 +63,8 @@ class GradientSync:
         self._next = 0  # the first bucket not launched yet: launches go in index order
         self._callback_queued = False
         self.reduced = False  # this step's gradients are in the chunks
+        self._sent: list[Bucket] = []  # buckets sent this step
+        self._in_flight: list[tuple[int, Bucket]] = []  # sent and not yet completed
         self._packed: dict[int, tuple[weakref.ref | None, int]] = {}  # slot index -> grad, version
         self._hooked: set[int] = set()
         self._hooks: list = []
@@ -111,12 +118,22 @@ class GradientSync:
         self._next += 1
         if not bucket.trainable():
             return  # frozen on every rank: nothing to reduce
+        while len(self._in_flight) >= BUCKETS_IN_FLIGHT:
+            self._complete(*self._in_flight.pop(0))
         bucket.send = bucket.pack_grads()
         for slot in bucket.slots:
             g = slot.param.grad
             self._packed[slot.index] = (None, 0) if g is None else (weakref.ref(g), g._version)
         bucket.work = reduce_scatter_flat(bucket.received, bucket.send, self.process_group)
         bucket.ready.clear()
+        self._sent.append(bucket)
+        self._in_flight.append((self._next - 1, bucket))
+
+    def _complete(self, position: int, bucket: Bucket) -> None:
+        """Wait for one bucket's reduce-scatter, free its buffers, average over ranks."""
+        wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {position}")
+        bucket.work, bucket.send = None, None
+        bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
 
     def _backward_ended(self) -> None:
         self._callback_queued = False
@@ -135,9 +152,7 @@ class GradientSync:
     # ------------------------------------------------------------------ step
 
     def _check_unchanged(self) -> None:
-        for bucket in self.buckets[:self._next]:
-            if bucket.work is None:
-                continue  # frozen, never sent
+        for bucket in self._sent:
             for slot in bucket.slots:
                 ref, version = self._packed[slot.index]
                 g = slot.param.grad
@@ -155,36 +170,34 @@ class GradientSync:
         Idempotent until ``discard``."""
         if self.reduced:
             return
-        self.reduced = True
         self.launch_all()  # no-op after a backward; else gradients set by hand, or none here
         self._check_unchanged()
-        launched = []
-        for i, bucket in enumerate(self.buckets):
-            if bucket.work is not None:
-                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
-                bucket.work, bucket.send = None, None
-                bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
-                launched.append(bucket)
-            else:
+        while self._in_flight:
+            self._complete(*self._in_flight.pop(0))
+        self.reduced = True
+        sent = {id(bucket) for bucket in self._sent}
+        for bucket in self.buckets:
+            if id(bucket) not in sent:
                 for slot in bucket.slots:
                     chunks[slot.param].grad = None
-        if not launched:
+        if not self._sent:
             return
         # One host read for all buckets: which parameters some rank produced a gradient for.
-        used = torch.cat([bucket.use_counts for bucket in launched]).tolist()
+        used = torch.cat([bucket.use_counts for bucket in self._sent]).tolist()
         flags = iter(used)
-        for bucket in launched:
+        for bucket in self._sent:
             for slot in bucket.slots:
                 chunks[slot.param].grad = (bucket.chunk_view(bucket.grad, slot)
                                            if next(flags) > 0 else None)
 
     def discard(self) -> None:
         """Forget this step's gradients: wait for what is in flight, reset for a new backward."""
-        for i, bucket in enumerate(self.buckets):
+        for position, bucket in self._in_flight:
+            wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {position}")
+            bucket.work, bucket.send = None, None
+        for bucket in self.buckets:
             bucket.ready.clear()
-            if bucket.work is not None:
-                wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {i}")
-                bucket.work, bucket.send = None, None
+        self._in_flight, self._sent = [], []
         self._next = 0
         self._packed.clear()
         self.reduced = False

@@ -43,7 +43,7 @@ from neurooptima.validation import check_group, prepare_group
 from .buffers import BufferBroadcast
 from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
 from .flat_shards import Bucket, ShardSlot, build_buckets
-from .grad_sync import GradientSync
+from .grad_sync import BUCKETS_IN_FLIGHT, GradientSync
 
 __all__ = ["ShardedNeuroOptima", "SAM_MODES"]
 
@@ -368,13 +368,21 @@ class ShardedNeuroOptima(Optimizer):
 
     @torch.no_grad()
     def _gather_weights(self) -> None:
-        pending = []
-        for bucket in self._buckets:
-            out = torch.empty(bucket.full_numel(), dtype=bucket.dtype, device=bucket.device)
-            pending.append((bucket, out, all_gather_flat(out, bucket.owned, self.process_group)))
-        for i, (bucket, out, work) in enumerate(pending):
+        # At most BUCKETS_IN_FLIGHT full-size receive buffers exist at once.
+        pending: list[tuple[int, Bucket, Tensor, Any]] = []
+
+        def finish(i: int, bucket: Bucket, out: Tensor, work: Any) -> None:
             wait(work, self.timeout, f"all-gather of weight bucket {i}")
             bucket.write_params(out)
+
+        for i, bucket in enumerate(self._buckets):
+            if len(pending) >= BUCKETS_IN_FLIGHT:
+                finish(*pending.pop(0))
+            out = torch.empty(bucket.full_numel(), dtype=bucket.dtype, device=bucket.device)
+            pending.append((i, bucket, out, all_gather_flat(out, bucket.owned,
+                                                            self.process_group)))
+        for item in pending:
+            finish(*item)
 
     def _pull_chunks(self) -> None:
         # The module's weights are the truth between steps (a user may load or edit them).
