@@ -56,7 +56,7 @@ def _groups_json(optimizer: ShardedNeuroOptima) -> str:
         packed["betas"] = list(packed["betas"])
         if packed["state_dtype"] is not None:  # JSON has no dtype: "bfloat16" and back
             packed["state_dtype"] = str(packed["state_dtype"]).removeprefix("torch.")
-        packed["skipped_steps"] = group["skipped_steps"]
+        packed["skipped_steps"] = int(group["skipped_steps"])  # a device tensor after a fused step
         packed["num_params"] = len(group["params"])
         groups.append(packed)
     return json.dumps({"param_groups": groups, "saved_world_size": optimizer.world_size,

@@ -101,7 +101,7 @@ def mesh_norm_stats(sharded: dict[tuple, list[Tensor]]) -> Tensor | None:
         for dim in dims:
             # Looked up at call time so communication accounting can wrap it.
             torch.distributed.all_reduce(stats, group=mesh.get_group(dim))
-        total = stats.cpu() if total is None else total + stats.cpu()
+        total = stats if total is None else total + stats.to(total.device)
     return total
 
 

@@ -22,8 +22,17 @@ a flat tensor per step. DTensor, float64 and non-contiguous parameters are left 
 
 Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
 one kernel. The step's coefficients (``functional.rule_scalars``: bias corrections, ``1 - beta``,
-the decay factor) are computed in Python once per step and read from a tensor inside the
-graph, so schedules and the step count do not recompile it.
+the decay factor) are computed once per step by a second, tiny compiled function
+(``_coefficients``) from the step counter and the learning rate as device tensors, and read
+from its output inside the update graph: schedules, a tensor ``lr`` and the step count are
+data, not a reason to recompile, and nothing is read on the host.
+
+The step is sync-free: the non-finite skip enters the kernel as a device-side predicate (as
+torch's fused optimizers take ``found_inf``): the kernel computes the update and stores
+``where(finite, new, old)`` for the weights and every buffer, and the counters advance by
+``finite``; so a skipped step moves nothing, decided without the host. A clipping coefficient
+scales the gradient inside the kernel, and Lookahead's sync is fused in as well, applied where
+``finite and step % k == 0`` on the device.
 """
 
 from __future__ import annotations
@@ -41,22 +50,76 @@ from .dtensor import is_dtensor
 from .norms import local_norm_stats
 from .rules import compute_dtype_for, run_elementwise
 
-__all__ = ["fused_rule_", "group_rule_", "fused_update_", "fused_norm_stats", "adopt_grads_",
-           "flat_view"]
+__all__ = ["fused_rule_", "fused_step_", "group_rule_", "fused_update_", "fused_norm_stats",
+           "adopt_grads_", "flat_view", "fusable"]
+
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); so does the in-kernel clipping.
+CLIP_EPS = 1e-6
 
 # Each distinct dtype combination adds a graph per rule; the default limit of 8 would
 # silently fall back to eager for models with many dtype combinations.
 _RECOMPILE_LIMIT = 64
 
 
-def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype):
-    # The step's coefficients (bias corrections, 1 - beta, decay) arrive precomputed in one
-    # float64 tensor and enter the kernel as 0-d tensors: a new learning rate or step count is
-    # data, not a reason to recompile (Python floats are specialised into the graph), and no
-    # power or other scalar expression is left for inductor to evaluate per element.
+def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype, slow):
+    # The step's coefficients (bias corrections, 1 - beta, decay), then the predicate
+    # ``finite``, the gradient scale, Lookahead's ``due`` and ``alpha`` and ``k == 1`` (the
+    # previous gradient starts as the first one, clipped like it) arrive in one float64
+    # tensor (see ``_coefficients``) and enter the kernel as 0-d tensors: a new learning rate or
+    # step count is data, not a reason to recompile (Python floats are specialised into the
+    # graph), and no power or other scalar expression is left for inductor to evaluate per
+    # element.
     fields = F.SCALAR_TYPES[rule]._fields
-    s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(len(fields))])
-    run_elementwise(rule, param, grad, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
+    n = len(fields)
+    s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(n)])
+    finite = scalars[n] != 0
+    written = (param, *buffers)
+    old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
+    g = grad * scalars[n + 1]
+    if F.RULE_BUFFERS[rule][-1] == "prev_grad":  # Adan's difference is 0 at k = 1
+        buffers[-1].copy_(torch.where(scalars[n + 4] != 0, g, buffers[-1]))
+    run_elementwise(rule, param, g, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
+    for t, before in zip(written, old):
+        t.copy_(torch.where(finite, t, before))  # a skipped step stores what it loaded
+    if slow is not None:  # Lookahead: slow += alpha (fast - slow); fast = slow, where due
+        due = scalars[n + 2] != 0
+        pulled = slow + (param - slow) * scalars[n + 3]
+        slow.copy_(torch.where(due, pulled, slow))
+        param.copy_(torch.where(due, pulled, param))
+
+
+def _coefficients_body(rule, counter, lr, finite, norm, hyper):
+    """Advance ``counter`` by ``finite`` and return the packed coefficients of the step."""
+    betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
+    counter.add_(finite.to(counter.dtype))
+    k = counter[0].to(torch.float64)
+    s = F.SCALARS[rule](k, lr=lr.to(torch.float64), betas=betas, eps=eps,
+                        weight_decay=weight_decay, no_prox=no_prox)
+    scale = torch.ones_like(k)
+    if max_norm is not None:
+        scale = torch.clamp(max_norm / (norm.to(torch.float64) + CLIP_EPS), max=1.0)
+    due = torch.zeros_like(k)
+    if lookahead_k:
+        due = (finite & (torch.remainder(k, lookahead_k) == 0)).to(torch.float64)
+    values = [*s, finite.to(torch.float64), scale, due, alpha, (k == 1).to(torch.float64)]
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=k.device)
+                        for v in values])
+
+
+def _coefficients_adan(*args):
+    return _coefficients_body("adan", *args)
+
+
+def _coefficients_lion(*args):
+    return _coefficients_body("lion", *args)
+
+
+def _coefficients_lion_adan(*args):
+    return _coefficients_body("lion_adan", *args)
+
+
+_COEFFICIENT_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
+    "adan": _coefficients_adan, "lion": _coefficients_lion, "lion_adan": _coefficients_lion_adan}
 
 
 # One Python function per rule, so each rule has its own compile cache.
@@ -95,6 +158,25 @@ def _compiled(rule: str) -> Callable[..., None]:
     return _compile_once(_FLAT_FUNCTIONS[rule])
 
 
+def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
+                scalars: Tensor, no_prox: bool, compute_dtype: torch.dtype | None,
+                slow: Tensor | None) -> None:
+    fn = _compiled(rule)
+    args = (param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype, slow)
+    signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), param.device,
+                 bool(no_prox), compute_dtype, None if slow is None else slow.dtype)
+    _call(fn, args, signature)
+
+
+def _call(fn: Callable[..., Any], args: tuple, signature: tuple) -> Any:
+    if signature in _SEEN:
+        return fn(*args)
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        out = fn(*args)
+    _SEEN.add(signature)
+    return out
+
+
 def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
                 step: int | float, *, lr: float, betas: Sequence[float], eps: float = 0.0,
                 weight_decay: float = 0.0, no_prox: bool = False,
@@ -102,25 +184,76 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     """One update of ``rule`` on same-shaped (typically flat) tensors, in one compiled pass.
 
     ``buffers`` are the rule's buffers in ``functional.RULE_BUFFERS`` order; all elements share
-    the 1-based update count ``step``. Buffers stored in another dtype than ``compute_dtype``
-    are upcast for the math (see ``rules.run_rule``). Same equations, same order of operations
-    as the eager kernels; results agree with them to rounding (the compiler may contract
-    multiply-adds).
+    the 1-based update count ``step``, a host number here (``fused_step_`` takes a device
+    counter). Buffers stored in another dtype than ``compute_dtype`` are upcast for the math
+    (see ``rules.run_rule``). Same equations, same order of operations as the eager kernels;
+    results agree with them to rounding (the compiler may contract multiply-adds).
     """
-    fn = _compiled(rule)
-    scalars = torch.tensor(F.rule_scalars(rule, int(step), lr=float(lr),
-                                          betas=tuple(map(float, betas)), eps=float(eps),
-                                          weight_decay=float(weight_decay),
-                                          no_prox=bool(no_prox)), dtype=torch.float64)
-    args = (param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype)
-    signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), param.device,
-                 bool(no_prox), compute_dtype)
-    if signature in _SEEN:
-        fn(*args)
-        return
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        fn(*args)
-    _SEEN.add(signature)
+    lr = float(lr)
+    values = F.rule_scalars(rule, int(step), lr=lr, betas=tuple(map(float, betas)),
+                            eps=float(eps), weight_decay=float(weight_decay),
+                            no_prox=bool(no_prox))
+    scalars = torch.tensor([*values, 1.0, 1.0, 0.0, 0.0, float(int(step) == 1)],
+                           dtype=torch.float64,
+                           device=param.device)
+    _run_kernel(rule, param, grad, buffers, scalars, no_prox, compute_dtype, None)
+
+
+# One 0-d device tensor per (device, dtype, value) for host constants the kernels take as data
+# (``finite=True``, a float learning rate): made once, so a step neither allocates nor copies.
+_CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def _constant(value: float | bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    key = (value, device, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+        if len(_CONSTANTS) > _KNOWN_RUNS_LIMIT:
+            _CONSTANTS.popitem(last=False)
+    return t
+
+
+def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """The learning rate as a 0-d float64 tensor on ``device``: a tensor ``lr`` is used as
+    data (copied there if it lives elsewhere; nothing is read on the host); a float one is a
+    cached constant (a new value makes a new one, with one fill and no read)."""
+    if isinstance(lr, Tensor):
+        lr = lr.detach().reshape(())
+        if lr.device != device or lr.dtype != torch.float64:
+            lr = lr.to(device=device, dtype=torch.float64, non_blocking=True)
+        return lr
+    return _constant(float(lr), device, torch.float64)
+
+
+def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
+                counter: Tensor, *, lr: float | Tensor, betas: Sequence[float], eps: float,
+                weight_decay: float, no_prox: bool, compute_dtype: torch.dtype | None = None,
+                finite: Tensor | None = None, norm: Tensor | None = None,
+                max_grad_norm: float | None = None, slow: Tensor | None = None,
+                lookahead_k: int = 0, lookahead_alpha: float = 0.0) -> None:
+    """One sync-free update of ``rule`` on flat tensors sharing one step count.
+
+    ``counter`` holds the step counters of the run (a 1-D view; all equal), advanced here by
+    ``finite`` (a 0-d bool tensor; None: the step is known to be finite). Where ``finite`` is
+    false nothing moves. With ``max_grad_norm`` the gradient is scaled by
+    ``min(1, max_grad_norm / (norm + 1e-6))`` in the kernel; with ``slow`` (Lookahead's slow
+    weights, ``lookahead_k > 0``) the sync runs in the kernel at every ``lookahead_k``-th
+    update. Nothing is read on the host.
+    """
+    device = param.device
+    if finite is None:
+        finite = _constant(True, device, torch.bool)
+    if max_grad_norm is not None and norm is None:
+        raise ValueError("max_grad_norm needs the gradients' norm")
+    hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox),
+             None if max_grad_norm is None else float(max_grad_norm),
+             int(lookahead_k) if slow is not None else 0, float(lookahead_alpha))
+    fn = _compile_once(_COEFFICIENT_FUNCTIONS[rule])
+    scalars = _call(fn, (counter, _lr_tensor(lr, device), finite, norm, hyper),
+                    ("coefficients", rule, counter.dtype, device, norm is None))
+    _run_kernel(rule, param, grad, buffers, scalars, no_prox, compute_dtype,
+                slow if hyper[5] else None)
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,35 +350,44 @@ def _sum_of_squares(flat: Tensor) -> Tensor:
     return flat.to(torch.float64).square().sum()
 
 
+def _peak(flat: Tensor) -> Tensor:
+    return flat.abs().amax()
+
+
 def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, *,
                      norm: bool = True) -> Tensor:
-    """``norms.local_norm_stats`` with one pass per flat run of ``tensors``.
+    """``norms.local_norm_stats`` with one pass per flat run of ``tensors``, on the device.
 
     The eager statistics convert every tensor to float64 before its norm (a full copy); here a
     compiled reduction converts element by element while it reads, so it costs one read of
     the gradients. It needs no separate finiteness test: the square of any finite float32 (or
     narrower) value is far below float64's range, so the float64 sum of squares is finite
     exactly when every entry is. float64 runs, whose squares can overflow, stay eager. With
-    ``norm=False`` a run is first checked with a plain sum in its own dtype (inf and nan
-    propagate through it); only a non-finite sum, which an overflow can also cause, is decided
-    by the float64 sum of squares. The count is of non-finite runs and tensors; only zero
-    matters.
+    ``norm=False`` a run's largest magnitude (in its own dtype, finite exactly when every
+    element is) decides. The count is of non-finite runs and tensors; only zero matters.
+    Nothing is read on the host.
     """
     if device is None and tensors:
         device = tensors[0].device
     flats, rest = _flat_runs([t for t in tensors if t.dtype != torch.float64])
     stats = local_norm_stats(rest + [t for t in tensors if t.dtype == torch.float64], device,
                              norm=norm)
-    if not norm:
-        flats = [flat for flat in flats if not math.isfinite(flat.sum().item())]
     if flats:
-        fn = _compile_once(_sum_of_squares)
+        fn = _compile_once(_sum_of_squares if norm else _peak)
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            sums = [fn(flat).item() for flat in flats]
-        if norm:
-            stats[0] += math.fsum(x for x in sums if math.isfinite(x))
-        stats[1] += sum(not math.isfinite(x) for x in sums)
+            sums = torch.stack([fn(flat).to(device=device, dtype=torch.float64)
+                                for flat in flats])
+        finite = torch.isfinite(sums)
+        added = torch.stack([torch.where(finite, sums, 0.0).sum() if norm
+                             else torch.zeros((), dtype=torch.float64, device=device),
+                             (~finite).sum().to(torch.float64)])
+        stats = stats + added
     return stats
+
+
+def fusable(p: Tensor, g: Tensor) -> bool:
+    """Whether the compiled kernel takes parameter ``p`` with gradient ``g``."""
+    return _fusable(p, g)
 
 
 def _fusable(p: Tensor, g: Tensor) -> bool:
@@ -278,20 +420,6 @@ def adopt_grads_(params: Sequence[Tensor]) -> bool:
             _gather(grads, lambda j, v, ps=ps: setattr(ps[j], "grad", v))
             moved = True
     return not moved
-
-
-def flat_counters(states: Sequence[dict[str, Any]]) -> list[int]:
-    """Advance every ``state["step"]`` by one and return the new counts.
-
-    The 0-d counters are laid out once as views of one tensor, so the increment is one op, not
-    one per parameter.
-    """
-    counters = [state["step"] for state in states]
-    flat = flat_view(counters)
-    if flat is None:
-        flat = _gather(counters, lambda j, v: states[j].__setitem__("step", v))
-    flat.add_(1)
-    return [int(k) for k in flat.tolist()]
 
 
 def _runs(tensors: Sequence[Tensor]) -> list[list[int]]:
@@ -332,31 +460,35 @@ def _owns_storage(t: Tensor) -> bool:
 @torch.no_grad()
 def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
                   params: list[Tensor], grads: list[Tensor], names: Sequence[str],
-                  steps: Sequence[int]) -> list[int]:
+                  tokens: Sequence[Any], *, finite: Tensor | None = None,
+                  norm: Tensor | None = None, slow_key: str | None = None) -> list[int]:
     """Apply ``group``'s rule to ``params`` in flat groups; returns the indices left undone.
 
+    ``tokens[i]`` stands for the update history of ``params[i]``: equal tokens mean equal step
+    counts (the optimizer keeps them on the host, so grouping by count reads nothing).
     Parameters that each own their storage (a fresh model) are moved once into one flat tensor
-    per (device, dtype, step count). Parameters that are views of someone else's buffer (the
+    per (device, dtype, token). Parameters that are views of someone else's buffer (the
     sharded optimizer's chunks, or a layout made by an earlier step) are never moved: the
     kernel runs once per run of consecutive views. ``state[p][name]`` holds each parameter's
-    buffers (``names`` in kernel order) and is rebound to views of flat buffers when needed.
-    ``grads[i]`` is rebound into the flat layout only when it is ``params[i].grad`` itself
-    (not a clipped or negated copy).
+    buffers (``names`` in kernel order), its ``step`` counter and, with ``slow_key``, its
+    Lookahead slow weights; each is rebound to views of flat tensors when needed. ``grads[i]``
+    is rebound into the flat layout only when it is ``params[i].grad`` itself (not a clipped
+    or negated copy). ``finite`` and ``norm`` as in ``fused_step_``.
     """
     state_dtype = group.get("state_dtype")
+    run = _Run(state, group, names, finite, norm, slow_key)
     flats = _one_flat_run(params, grads)
-    if flats is not None and len(set(steps)) == 1:  # the steady state: one run, one count
-        _update_run(state, group, params, grads, names, steps[0],
-                    compute_dtype_for(flats[0].dtype, state_dtype), *flats)
+    if flats is not None and len(set(tokens)) == 1:  # the steady state: one run, one count
+        run(params, grads, compute_dtype_for(flats[0].dtype, state_dtype), *flats)
         return []
     buckets: dict[tuple, list[int]] = defaultdict(list)
     rest: list[int] = []
     for i, (p, g) in enumerate(zip(params, grads)):
         if _fusable(p, g):
-            buckets[(p.device, p.dtype, steps[i])].append(i)
+            buckets[(p.device, p.dtype, tokens[i])].append(i)
         else:
             rest.append(i)
-    for (_, dtype, step), idx in buckets.items():
+    for (_, dtype, _), idx in buckets.items():
         ps = [params[i] for i in idx]
         gs = [grads[i] for i in idx]
         compute = compute_dtype_for(dtype, state_dtype)
@@ -364,34 +496,50 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
         if flat_p is None and all(_owns_storage(p) for p in ps):
             flat_p = _gather(ps, lambda j, v: setattr(ps[j], "data", v))
         if flat_p is not None:
-            _update_run(state, group, ps, gs, names, step, compute, flat_p)
+            run(ps, gs, compute, flat_p)
             continue
-        for run in _runs(ps):
-            _update_run(state, group, [ps[j] for j in run], [gs[j] for j in run], names, step,
-                        compute, flat_view([ps[j] for j in run]))
+        for members in _runs(ps):
+            run([ps[j] for j in members], [gs[j] for j in members], compute,
+                flat_view([ps[j] for j in members]))
     return rest
 
 
-def _update_run(state, group, ps, gs, names, step, compute_dtype, flat_p,
-                flat_g=None) -> None:
-    if flat_p is None:  # adjacent by chance but separate allocations: one tensor at a time
-        for p, g in zip(ps, gs):
-            _update_run(state, group, [p], [g], names, step, compute_dtype, flat_view([p]))
-        return
-    if flat_g is None:
-        own_grads = all(g is p.grad for p, g in zip(ps, gs))
-        flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
-    flat_bufs = []
-    for name in names:
-        def rebind(j, v, name=name):
-            state[ps[j]][name] = v
-        flat_bufs.append(_flat([state[p][name] for p in ps], rebind))
-    group_rule_(group, flat_p, flat_g, flat_bufs, step, compute_dtype)
+class _Run:
+    """Runs the kernel on one run of parameters, laying out its gradients, counters, buffers
+    and slow weights as flat tensors where they are not already."""
+
+    def __init__(self, state, group, names, finite, norm, slow_key) -> None:
+        self.state, self.group, self.names = state, group, names
+        self.finite, self.norm, self.slow_key = finite, norm, slow_key
+
+    def __call__(self, ps, gs, compute_dtype, flat_p, flat_g=None) -> None:
+        if flat_p is None:  # adjacent by chance but separate allocations: one at a time
+            for p, g in zip(ps, gs):
+                self([p], [g], compute_dtype, flat_view([p]))
+            return
+        if flat_g is None:
+            own_grads = all(g is p.grad for p, g in zip(ps, gs))
+            flat_g = _flat(gs, (lambda j, v: setattr(ps[j], "grad", v)) if own_grads else None)
+        keys = ["step", *self.names] + ([self.slow_key] if self.slow_key else [])
+        flats = {}
+        for name in keys:
+            def rebind(j, v, name=name):
+                self.state[ps[j]][name] = v
+            flats[name] = _flat([self.state[p][name] for p in ps], rebind)
+        group_rule_(self.group, flat_p, flat_g, [flats[name] for name in self.names],
+                    flats["step"], compute_dtype, finite=self.finite, norm=self.norm,
+                    slow=flats.get(self.slow_key) if self.slow_key else None)
 
 
 def group_rule_(group: dict[str, Any], param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
-                step: int, compute_dtype: torch.dtype | None) -> None:
-    """``fused_rule_`` with the rule and hyperparameters of the param group ``group``."""
-    fused_rule_(group["update"], param, grad, buffers, step, lr=group["lr"],
+                counter: Tensor, compute_dtype: torch.dtype | None, *,
+                finite: Tensor | None = None, norm: Tensor | None = None,
+                slow: Tensor | None = None) -> None:
+    """``fused_step_`` with the rule and hyperparameters of the param group ``group``;
+    clipping applies when ``norm`` is given (else the gradients are used as they are)."""
+    fused_step_(group["update"], param, grad, buffers, counter, lr=group["lr"],
                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                no_prox=group["no_prox"], compute_dtype=compute_dtype)
+                no_prox=group["no_prox"], compute_dtype=compute_dtype, finite=finite,
+                norm=norm, max_grad_norm=group["max_grad_norm"] if norm is not None else None,
+                slow=slow, lookahead_k=group["lookahead_k"],
+                lookahead_alpha=group["lookahead_alpha"])

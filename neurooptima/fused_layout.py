@@ -1,7 +1,7 @@
 """The steady state of a fused param group, checked once per step instead of found again.
 
-After its first steps a fused group's parameters, gradients, step counters and rule buffers
-are each consecutive views of one flat tensor (see ``fused``). Finding those runs means reading
+After its first steps a fused group's parameters, gradients, step counters, rule buffers and
+Lookahead slow weights are each consecutive views of one flat tensor (see ``fused``). Finding those runs means reading
 the address, size and contiguity of every tensor, and the step needs them several times (the
 gradient check, the counters, the update); for a model with many tensors that bookkeeping costs
 as much as a good part of the kernel. ``FusedLayout`` records the runs once and ``intact``
@@ -34,41 +34,52 @@ class FusedLayout:
     them only from a successful ``intact`` (or ``of``) to ``release``, i.e. for one step.
     """
 
-    __slots__ = ("params", "grads", "names", "flat_param", "flat_grad", "flat_buffers",
-                 "flat_step", "_grad_refs", "_state", "_states", "_entries", "_ptrs")
+    __slots__ = ("params", "grads", "names", "slow_key", "flat_param", "flat_grad",
+                 "flat_buffers", "flat_step", "flat_slow", "_grad_refs", "_state", "_states",
+                 "_entries", "_ptrs")
 
     def __init__(self, state: dict[Tensor, dict[str, Any]], params: list[Tensor],
-                 grads: list[Tensor], names: Sequence[str], flat_param: Tensor,
-                 flat_grad: Tensor, flat_buffers: list[Tensor], flat_step: Tensor) -> None:
+                 grads: list[Tensor], names: Sequence[str], slow_key: str | None,
+                 flat_param: Tensor, flat_grad: Tensor, flat_buffers: list[Tensor],
+                 flat_step: Tensor, flat_slow: Tensor | None) -> None:
         self.params, self.grads, self.names = params, grads, tuple(names)
+        self.slow_key = slow_key
         self._grad_refs = [weakref.ref(g) for g in grads]
         self.flat_param, self.flat_grad = flat_param, flat_grad
-        self.flat_buffers, self.flat_step = flat_buffers, flat_step
+        self.flat_buffers, self.flat_step, self.flat_slow = flat_buffers, flat_step, flat_slow
         self._state = state
         self._states = [state[p] for p in params]
-        self._entries = [[st[name] for st in self._states] for name in (_STEP, *names)]
+        self._entries = [[st[name] for st in self._states] for name in self._keys()]
         self._ptrs = _addresses(params)
+
+    def _keys(self) -> tuple[str, ...]:
+        return (_STEP, *self.names) + ((self.slow_key,) if self.slow_key else ())
 
     @classmethod
     def of(cls, state: dict[Tensor, dict[str, Any]], params: Sequence[Tensor],
-           names: Sequence[str]) -> FusedLayout | None:
+           names: Sequence[str], slow_key: str | None = None, *,
+           same_count: bool = True) -> FusedLayout | None:
         """The layout of ``params`` if each of their lists (parameters, gradients, counters,
-        each buffer in ``names``) is one flat run and all step counts are equal, else None."""
+        each buffer in ``names``, the slow weights under ``slow_key``) is one flat run and all
+        step counts are equal (``same_count``: the caller knows it without reading them),
+        else None."""
         params = list(params)
         grads = [p.grad for p in params]
         flats = _one_flat_run(params, grads)
-        if flats is None or any(p not in state for p in params):
+        if not same_count or flats is None or any(p not in state for p in params):
             return None
         states = [state[p] for p in params]
-        if any(name not in st for st in states for name in (_STEP, *names)):
+        keys = (_STEP, *names) + ((slow_key,) if slow_key else ())
+        if any(name not in st for st in states for name in keys):
             return None
         flat_step = flat_view([st[_STEP] for st in states])
         flat_buffers = [flat_view([st[name] for st in states]) for name in names]
-        if flat_step is None or any(b is None for b in flat_buffers):
+        flat_slow = flat_view([st[slow_key] for st in states]) if slow_key else None
+        if (flat_step is None or any(b is None for b in flat_buffers)
+                or (slow_key and flat_slow is None)):
             return None
-        if not bool((flat_step == flat_step[0]).all()):
-            return None
-        return cls(state, params, grads, names, *flats, flat_buffers, flat_step)
+        return cls(state, params, grads, names, slow_key, *flats, flat_buffers, flat_step,
+                   flat_slow)
 
     def intact(self, state: dict[Tensor, dict[str, Any]], params: Sequence[Tensor]) -> bool:
         """Whether ``params`` and their gradients and state are still this layout's views."""
@@ -80,7 +91,7 @@ class FusedLayout:
             # A dropped gradient's weak reference is None, which no gradient is.
             if p is not mine or g is not ref() or g is None or state.get(p) is not st:
                 return False
-        for name, entries in zip((_STEP, *self.names), self._entries):
+        for name, entries in zip(self._keys(), self._entries):
             for st, entry in zip(self._states, entries):
                 if st.get(name) is not entry:
                     return False
@@ -97,14 +108,9 @@ class FusedLayout:
         """Drop the references to the gradients taken for this step."""
         self.grads = self.flat_grad = None
 
-    def advance(self) -> int:
-        """Add one to every step counter (one op) and return the new common count."""
-        self.flat_step.add_(1)
-        return self.count
-
     @property
     def count(self) -> int:
-        """The common step count (the general path may have advanced the counters too)."""
+        """The common step count, read on the host (for inspection; a step never reads it)."""
         return int(self.flat_step[0].item())
 
 

@@ -16,6 +16,7 @@ two SAM passes). Each param group counts the steps it skipped for non-finite gra
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import warnings
@@ -24,12 +25,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach, _get_scalar_dtype
 
 from . import functional as F
 from .dtensor import check_fsdp1_connected, local, local_list, mesh_norm_stats, split_for_norm
 from .lookahead import lookahead_sync_
-from .norms import local_norm_stats, norm_from_stats
+from .norms import device_norm, local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
 from .validation import check_group, prepare_group
 from . import reduced_state, state_validation
@@ -58,12 +59,58 @@ def _fingerprint(group: dict[str, Any]) -> tuple:
     return tuple([group.get(key) for key in HYPER_KEYS])
 
 
-def _tensor_step(value: Any) -> Tensor:
-    """A per-parameter ``step`` as the 0-d float32 tensor the kernels count in (a state dict
-    written by hand or by another tool may hold a plain number), as torch.optim converts it."""
-    if isinstance(value, Tensor):
-        return value
-    return torch.tensor(float(value), dtype=torch.float32)
+def _tensor_step(value: Any, device: torch.device | None = None) -> Tensor:
+    """A per-parameter ``step`` as the 0-d tensor the kernels count in, on the parameter's
+    device, in torch's scalar dtype (float64 when the default dtype is float64, else float32;
+    a state dict written by hand or by another tool may hold a plain number)."""
+    dtype = _get_scalar_dtype()
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=dtype, device=device)
+    if value.dtype != dtype or (device is not None and value.device != device):
+        return value.to(device=device, dtype=dtype)
+    return value
+
+
+def _new_step(p: Tensor) -> Tensor:
+    return torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+
+
+class _SkipMonitor:
+    """Counts skipped steps on the device and reads the count without waiting for it.
+
+    Each call adds the step's ``skipped`` flag on the device and starts a non-blocking copy of
+    the count into host memory (pinned on a GPU); the host value is read once that copy has
+    completed (on the CPU at once; on a GPU at a later step, when its event has completed, so
+    a warning may come a step or two late). Nothing waits for the device. While a CUDA graph
+    is being captured no copy is started.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        cuda = device.type == "cuda"
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
+        self.event = torch.cuda.Event() if cuda else None
+        self.pending = False
+
+    def add(self, skipped: Tensor) -> int | None:
+        """Add ``skipped`` (0-d bool); returns the count last copied to the host, if new."""
+        self.count.add_(skipped)
+        if self.event is not None:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            seen = self._read() if self.pending and self.event.query() else None
+            if not self.pending or seen is not None:
+                self.host.copy_(self.count, non_blocking=True)
+                self.event.record()
+                self.pending = True
+            return seen
+        self.host.copy_(self.count)
+        return self._read()
+
+    def _read(self) -> int:
+        self.pending = False
+        return int(self.host.numpy())  # host memory a completed copy wrote: no device wait
 
 
 _PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
@@ -176,11 +223,18 @@ class NeuroOptima(Optimizer):
         # only when one of them changed.
         self._checked: dict[int, tuple[dict[str, Any], tuple]] = {}
         self._skipped_total = 0  # steps skipped for non-finite gradients, for the warning
+        self._next_warning = 1
+        self._monitor: _SkipMonitor | None = None  # the device-side skip count
+        self._device_skips_seen = 0
+        # id(param) -> (param, token): equal tokens mean equal step counts (see _tokens_of).
+        self._tokens: dict[int, tuple[Tensor, Any]] = {}
+        self._token_ids = itertools.count()
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
         # A checkpoint of another model or rule, or a partial one, is refused before loading.
         self.register_state_dict_post_hook(state_validation.record_state_count)
+        self.register_state_dict_post_hook(_plain_skip_counts)
         self.register_load_state_dict_pre_hook(state_validation.check_load)
 
     # ---------------------------------------------------------------- groups and state
@@ -226,14 +280,21 @@ class NeuroOptima(Optimizer):
         self.__dict__.setdefault("_sam_phase", None)
         self.__dict__.setdefault("in_second_pass", False)
         self.__dict__.setdefault("_skipped_total", 0)
+        self.__dict__.setdefault("_next_warning", 1)
+        self.__dict__.setdefault("_monitor", None)
+        self.__dict__.setdefault("_device_skips_seen", 0)
+        self.__dict__.setdefault("_token_ids", itertools.count())
         # A loaded state dict (torch's load_state_dict comes through here) has new tensors
-        # and new param groups, checked again at the next step.
+        # and new param groups, checked again at the next step; its counts are read once.
         self.__dict__["_fused_layouts"] = {}
         self.__dict__["_checked"] = {}
-        # Counters saved as plain numbers become tensors again, as in torch.optim.
-        for entry in self.state.values():
+        self.__dict__["_tokens"] = {}
+        # Counters saved as plain numbers become tensors again, as in torch.optim, on the
+        # parameter's device.
+        for p, entry in self.state.items():
             if "step" in entry:
-                entry["step"] = _tensor_step(entry["step"])
+                device = p.device if isinstance(p, Tensor) else None
+                entry["step"] = _tensor_step(entry["step"], device)
 
     @property
     def sam_enabled(self) -> bool:
@@ -282,14 +343,18 @@ class NeuroOptima(Optimizer):
         from .fused_layout import FusedLayout
 
         names = F.state_keys(group["update"])
+        slow_key = _SLOW if group["lookahead_k"] > 0 else None
         layout = self._stored_layout(group)
-        if layout is not None and layout.names == names and layout.intact(self.state,
-                                                                          group["params"]):
+        if (layout is not None and layout.names == names and layout.slow_key == slow_key
+                and layout.intact(self.state, group["params"])):
             return layout
         self._fused_layouts.pop(id(group), None)
         if not adopt_grads_(group["params"]):
             return None
-        layout = FusedLayout.of(self.state, group["params"], names)
+        params = group["params"]
+        known = all(p in self.state and "step" in self.state[p] for p in params)
+        layout = FusedLayout.of(self.state, params, names, slow_key,
+                                same_count=known and len(set(self._tokens_of(params))) == 1)
         if layout is not None:
             self._fused_layouts[id(group)] = (group, layout)
         return layout
@@ -304,26 +369,48 @@ class NeuroOptima(Optimizer):
             self._pieces_checked = True
         return stats
 
-    def _global_norm(self, tensors: list[Tensor], owners: list[Tensor] | None = None, *,
-                     norm: bool = True) -> tuple[float, bool]:
-        """Global L2 norm of ``tensors`` and whether all are finite.
+    def _norm_stats(self, tensors: list[Tensor], owners: list[Tensor] | None = None, *,
+                    norm: bool = True) -> Tensor:
+        """Packed ``[sum of squares, non-finite count]`` of ``tensors``, summed over every
+        holder, on the device (see ``norms``; nothing is read on the host).
 
         ``owners[i]`` is the parameter whose placement ``tensors[i]`` shares (default: the
         tensor itself): DTensor contributions are summed over their mesh with one all-reduce
         per mesh, plain ones go through ``_reduce_norm_stats``. ``norm=False``: only the
-        finiteness is needed (the returned norm is then 0), which costs less to establish.
+        finiteness is needed (the sum of squares is then 0), which costs less to establish.
         """
         plain, sharded = split_for_norm(tensors, tensors if owners is None else owners)
+        device = self._device(plain, sharded)
         if any(group.get("fused") for group in self.param_groups):
             from .fused import fused_norm_stats
 
-            local_stats = fused_norm_stats(plain, norm=norm)
+            local_stats = fused_norm_stats(plain, device, norm=norm)
         else:
-            local_stats = local_norm_stats(plain, norm=norm)
+            local_stats = local_norm_stats(plain, device, norm=norm)
         stats = self._reduce_norm_stats(local_stats)
         if sharded:
-            stats = stats.cpu() + mesh_norm_stats(sharded)
-        return norm_from_stats(stats)
+            mesh = mesh_norm_stats(sharded)
+            stats = stats + mesh.to(stats.device)
+        return stats
+
+    def _device(self, plain: list[Tensor], sharded: dict) -> torch.device:
+        """Where norm statistics live: the tensors' device, else the parameters' (a rank that
+        holds no gradient still sums on the device its peers use)."""
+        if plain:
+            return plain[0].device
+        for shards in sharded.values():
+            if shards:
+                return shards[0].device
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _global_norm(self, tensors: list[Tensor], owners: list[Tensor] | None = None, *,
+                     norm: bool = True) -> tuple[float, bool]:
+        """Global L2 norm of ``tensors`` and whether all are finite, read on the host (one
+        read); ``_norm_stats`` with ``norms.device_norm`` keeps them on the device."""
+        return norm_from_stats(self._norm_stats(tensors, owners, norm=norm))
 
     # ---------------------------------------------------------------- SAM phases
 
@@ -350,14 +437,22 @@ class NeuroOptima(Optimizer):
             terms += norm_terms(local_list(params), grads, adaptive=group["sam_adaptive"],
                                 eta=group["sam_eta"])
             owners += params
-        norm, finite = self._global_norm(terms, owners)
+        stats = self._norm_stats(terms, owners)
         self.in_second_pass = True
-        if not finite:
-            self._sam_phase = "skipped"
-            return
+        finite: Tensor | None = None
+        if all(group.get("fused") for group in self.param_groups):
+            # Sync-free: the norm and the decision stay on the device; a non-finite gradient
+            # makes e = 0, and the restore copy is kept either way.
+            norm, finite = device_norm(stats)
+        else:
+            # One host read decides, so a skipped perturbation keeps no restore copy.
+            norm, ok = norm_from_stats(stats)
+            if not ok:
+                self._sam_phase = "skipped"
+                return
         self._sam_phase = "perturbed"
         for group, (params, grads) in zip(self.param_groups, per_group):
-            if group["sam_rho"] == 0:
+            if group["sam_rho"] == 0 or not params:
                 continue
             dtype = group.get("state_dtype")
             if all(reduced_state.stores_perturbation(p.dtype, dtype) for p in params):
@@ -365,12 +460,29 @@ class NeuroOptima(Optimizer):
                 reduced_state.perturb_stored_(self.state, params, local_list(params), grads,
                                               rho=group["sam_rho"], norm=norm,
                                               adaptive=group["sam_adaptive"],
-                                              eta=group["sam_eta"], dtype=dtype)
+                                              eta=group["sam_eta"], dtype=dtype, finite=finite)
                 continue
+            weights = local_list(params)
+            self._keep_origin(params, weights)
+            flat_w, flat_g = _flat_pair(weights, grads)
+            if flat_w is not None:  # one flat run each (a fused group): one pass
+                weights, grads = [flat_w], [flat_g]
+            perturb_(weights, grads, rho=group["sam_rho"], norm=norm,
+                     adaptive=group["sam_adaptive"], eta=group["sam_eta"], finite=finite)
+
+    def _keep_origin(self, params: list[Tensor], weights: list[Tensor]) -> None:
+        """Keep a copy of ``w`` for the restore: one copy of a flat run, views per parameter."""
+        from .fused import flat_view
+
+        flat = flat_view(weights) if len(weights) > 1 and _all_plain(weights) else None
+        if flat is None:
             for p in params:
                 self.state[p][_SAM_ORIGIN] = p.detach().clone()
-            perturb_(local_list(params), grads, rho=group["sam_rho"], norm=norm,
-                     adaptive=group["sam_adaptive"], eta=group["sam_eta"])
+            return
+        copy, offset = flat.clone(), 0
+        for p, w in zip(params, weights):
+            self.state[p][_SAM_ORIGIN] = copy[offset:offset + w.numel()].view(w.shape)
+            offset += w.numel()
 
     def second_step(self, zero_grad: bool = False) -> None:
         """SAM's second phase: restore ``w`` and apply the update with the current gradients;
@@ -429,12 +541,17 @@ class NeuroOptima(Optimizer):
         per_group = [self._grads(group) for group in self.param_groups]
         # The norm's value matters only for clipping; every step checks finiteness.
         clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
-        norm, finite = self._global_norm(*self._update_norm_terms(per_group), norm=clipping)
+        stats = self._norm_stats(*self._update_norm_terms(per_group), norm=clipping)
+        if self._sync_free(per_group):
+            self._apply_on_device(per_group, stats)
+            return
+        norm, finite = norm_from_stats(stats)  # the one host read of an eager step
         if not finite:
             # Skip the whole step: no weight, buffer or counter moves.
             for group in self.param_groups:
                 group["skipped_steps"] += 1
-            self._warn_skipped()
+            self._skipped_total += 1
+            self._warn_skipped(self._skipped_total + self._device_skips_seen)
             return
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
@@ -446,19 +563,102 @@ class NeuroOptima(Optimizer):
                 coef = max_norm / (norm + CLIP_EPS)
                 if coef < 1.0:
                     grads = list(torch._foreach_mul(grads, coef))
-            self._apply_rule(group, params, grads)
-            self._lookahead(group, params)
+            rest = self._apply_rule(group, params, grads)
+            self._lookahead(group, rest)
 
-    def _warn_skipped(self) -> None:
-        """Warn at the 1st, 2nd, 4th, 8th ... skipped step: once, then ever more rarely."""
-        self._skipped_total += 1
-        n = self._skipped_total
-        if n & (n - 1) == 0:
-            warnings.warn(f"NeuroOptima skipped a step: a gradient holds inf or nan, so no "
-                          f"weight, buffer or counter moved ({n} step{'s' * (n > 1)} skipped "
-                          f"so far; param_groups[i]['skipped_steps'] counts them). Next "
-                          f"warning at {2 * n} skipped steps.", SkippedStepWarning,
-                          stacklevel=_caller_level())
+    def _sync_free(self, per_group: list[tuple[list[Tensor], list[Tensor]]]) -> bool:
+        """Whether every parameter with a gradient goes through the fused kernel, which takes
+        the skip, clipping and Lookahead as device-side data (else one host read decides)."""
+        from .fused import fusable
+
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if not params:
+                continue
+            if not group.get("fused"):
+                return False
+            if self._verified_layout(group, params, grads) is None and not all(
+                    fusable(p, g) for p, g in zip(params, grads)):
+                return False
+        return True
+
+    def _apply_on_device(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
+                         stats: Tensor) -> None:
+        """The sync-free step: the kernel stores ``where(finite, new, old)``, so a step with a
+        non-finite gradient moves no weight, buffer, counter or slow weight, and nothing is
+        read on the host; the skip is counted on the device."""
+        norm, finite = device_norm(stats)
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if not params:
+                continue
+            if group["lookahead_k"] > 0:
+                self._ensure_slow(params)
+            clip = group["max_grad_norm"] is not None
+            self._apply_rule(group, params, grads, finite=finite, norm=norm if clip else None)
+        self._count_skip_on_device(finite)
+
+    def _count_skip_on_device(self, finite: Tensor) -> None:
+        skipped = ~finite
+        for group in self.param_groups:
+            count = group["skipped_steps"]
+            if not isinstance(count, Tensor) or count.device != finite.device:
+                # From here on a device tensor (int64, 0-d), added to in place: a captured
+                # step keeps counting on replay. ``state_dict()`` saves it as a number.
+                count = group["skipped_steps"] = (
+                    torch.full((), count, dtype=torch.int64, device=finite.device)
+                    if not isinstance(count, Tensor) else count.to(finite.device, torch.int64))
+            count.add_(skipped)
+        if self._monitor is None or self._monitor.device != finite.device:
+            self._monitor = _SkipMonitor(finite.device)
+        seen = self._monitor.add(skipped)
+        if seen is not None:
+            self._device_skips_seen = seen
+            self._warn_skipped(self._skipped_total + seen)
+
+    def _warn_skipped(self, n: int) -> None:
+        """Warn at the 1st, 2nd, 4th, 8th ... skipped step: once, then ever more rarely.
+
+        ``n`` is the number of steps skipped so far (on the device path, as last copied to
+        the host, so a warning may come a step late on a GPU)."""
+        if n < self._next_warning:
+            return
+        self._next_warning = 1 << n.bit_length()
+        warnings.warn(f"NeuroOptima skipped a step: a gradient holds inf or nan, so no "
+                      f"weight, buffer or counter moved ({n} step{'s' * (n > 1)} skipped "
+                      f"so far; param_groups[i]['skipped_steps'] counts them). Next "
+                      f"warning at {self._next_warning} skipped steps.", SkippedStepWarning,
+                      stacklevel=_caller_level())
+
+    def _tokens_of(self, params: list[Tensor]) -> list[Any]:
+        """One token per parameter standing for its step count: equal tokens, equal counts.
+
+        Parameters updated in the same steps since their counters were created share a token,
+        so the fused path groups equal counts without reading them. A counter the optimizer
+        did not make or advance (a loaded state dict) is read once.
+        """
+        out: list[Any] = []
+        unknown: list[int] = []
+        for i, p in enumerate(params):
+            entry = self._tokens.get(id(p))
+            if entry is not None and entry[0] is p:
+                out.append(entry[1])
+            else:
+                out.append(None)
+                unknown.append(i)
+        if unknown:
+            counts = [float(self.state[params[i]]["step"]) for i in unknown]
+            for i, k in zip(unknown, counts):
+                out[i] = ("count", k)
+                self._tokens[id(params[i])] = (params[i], out[i])
+        return out
+
+    def _advance_tokens(self, params: list[Tensor], tokens: list[Any]) -> None:
+        """After an update of ``params`` (applied or skipped: all or none of them moved)."""
+        fresh: dict[Any, int] = {}
+        for p, token in zip(params, tokens):
+            new = fresh.get(token)
+            if new is None:
+                new = fresh[token] = next(self._token_ids)
+            self._tokens[id(p)] = (p, new)
 
     def _update_norm_terms(self, per_group: list[tuple[list[Tensor], list[Tensor]]]
                            ) -> tuple[list[Tensor], list[Tensor]]:
@@ -485,41 +685,60 @@ class NeuroOptima(Optimizer):
             return foreach
         return group["foreach"]
 
-    def _apply_rule(self, group: dict[str, Any], params: list[Tensor],
-                    grads: list[Tensor]) -> None:
+    def _apply_rule(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    *, finite: Tensor | None = None, norm: Tensor | None = None
+                    ) -> list[Tensor]:
+        """Apply the group's rule; returns the parameters whose Lookahead sync is still to do
+        (the fused kernel does its own). ``finite``/``norm``: the sync-free step's predicate
+        and clipping norm (fused parameters only)."""
+        names = F.state_keys(group["update"])
+        slow_key = _SLOW if group["lookahead_k"] > 0 else None
         layout = self._verified_layout(group, params, grads)
         if layout is not None:  # the steady state of a fused group: one kernel call
             from .fused import group_rule_
 
+            tokens = self._tokens_of(params)
             group_rule_(group, layout.flat_param, layout.flat_grad, layout.flat_buffers,
-                        layout.advance(),
-                        compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")))
-            return
+                        layout.flat_step,
+                        compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")),
+                        finite=finite, norm=norm, slow=layout.flat_slow)
+            self._advance_tokens(params, tokens)
+            return []
         rule = group["update"]
-        names = F.state_keys(rule)
         states = [self.state[p] for p in params]
+        created: list[Tensor] = []
         for p, g, state in zip(params, grads, states):
             if names[0] not in state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = _new_step(p)
+                created.append(p)
                 for name in names:
                     # zeros_like(p) keeps a DTensor parameter's state a DTensor.
                     state[name] = torch.zeros_like(p, memory_format=torch.preserve_format,
                                                    dtype=group.get("state_dtype") or p.dtype)
-                    if name.endswith("prev_grad"):
-                        # Adan's difference is 0 at k = 1: the previous gradient starts as g.
+                    if name.endswith("prev_grad") and finite is None:
+                        # Adan's difference is 0 at k = 1: the previous gradient starts as g
+                        # (the fused kernel sets it itself at k = 1, after clipping).
                         local(state[name]).copy_(g)
             elif not isinstance(state["step"], Tensor):
-                state["step"] = _tensor_step(state["step"])
+                state["step"] = _tensor_step(state["step"], p.device)
+        if created:  # new counters are all 0: one token for them
+            token = ("new", next(self._token_ids))
+            for p in created:
+                self._tokens[id(p)] = (p, token)
+        tokens = self._tokens_of(params)
+        self._advance_tokens(params, tokens)
         if group.get("fused"):
-            from .fused import flat_counters, fused_update_  # imports torch.compile
+            from .fused import fused_update_  # imports torch.compile
 
-            steps = flat_counters(states)
-            rest = fused_update_(self.state, group, params, grads, names, steps)
-            params, grads = [params[i] for i in rest], [grads[i] for i in rest]
+            rest_idx = fused_update_(self.state, group, params, grads, names, tokens,
+                                     finite=finite, norm=norm, slow_key=slow_key)
+            params, grads = [params[i] for i in rest_idx], [grads[i] for i in rest_idx]
             if not params:
-                return
-        else:
-            torch._foreach_add_([state["step"] for state in states], 1)
+                return []
+            if finite is not None:
+                raise RuntimeError("internal: a sync-free step left parameters to the eager "
+                                   "kernels")
+        torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         foreach = self._use_foreach(group, params)
         state_dtype = group.get("state_dtype")
         # Multi-tensor kernels need one device and dtype per call; so does the upcast of
@@ -527,19 +746,25 @@ class NeuroOptima(Optimizer):
         buckets: dict[tuple, list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             buckets[(p.device, p.dtype) if foreach or state_dtype else None].append(i)
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = float(lr)  # the eager kernels take numbers: one host read
         for idx in buckets.values():
             compute_dtype = compute_dtype_for(params[idx[0]].dtype, state_dtype)
             # Upcast copies are temporaries: bound their size when state is stored narrow.
             for chunk in (reduced_state.chunks(idx, params) if compute_dtype else [idx]):
+                # The eager kernels take the counts as numbers (as torch's non-capturable
+                # optimizers do): one host read per parameter.
                 steps = [int(self.state[params[i]]["step"].item()) for i in chunk]
                 # The kernels run on local shards of DTensor parameters and state.
                 buffers = [local_list([self.state[params[i]][name] for i in chunk])
                            for name in names]
                 run_rule(rule, local_list([params[i] for i in chunk]),
-                         [grads[i] for i in chunk], buffers, steps, lr=group["lr"],
+                         [grads[i] for i in chunk], buffers, steps, lr=lr,
                          betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                          foreach=foreach, compute_dtype=compute_dtype)
+        return params
 
     def _stored_layout(self, group: dict[str, Any]) -> Any:
         """The layout kept for ``group`` (by identity: an id can outlive its group), or None."""
@@ -556,16 +781,45 @@ class NeuroOptima(Optimizer):
         return layout if grads is None or grads is layout.grads else None
 
     def _lookahead(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Lookahead for parameters the eager kernels updated (the fused kernel syncs its
+        own): the counts are read on the host, one read per parameter."""
         k = group["lookahead_k"]
-        if k == 0:
+        if k == 0 or not params:
             return
-        layout = self._verified_layout(group, params)
-        if layout is not None:  # one step count for the whole group
-            due = params if layout.count % k == 0 else []
-        else:
-            due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
+        due = [p for p in params if int(self.state[p]["step"].item()) % k == 0]
         if due:
             slow = [self.state[p][_SLOW] for p in due]  # see _ensure_slow
             lookahead_sync_(local_list(due), local_list(slow), alpha=group["lookahead_alpha"],
                             foreach=self._use_foreach(group, due)
                             and len({(p.device, p.dtype) for p in due}) == 1)
+
+
+def _all_plain(tensors: list[Tensor]) -> bool:
+    from .dtensor import is_dtensor
+
+    return not any(is_dtensor(t) for t in tensors)
+
+
+def _flat_pair(weights: list[Tensor], grads: list[Tensor]) -> tuple[Tensor | None,
+                                                                    Tensor | None]:
+    """The flat tensors of ``weights`` and ``grads`` when each list is one flat run of the
+    same layout (a fused group after its first step), else (None, None)."""
+    from .fused import flat_view
+
+    if len(weights) < 2 or not _all_plain(weights) or not _all_plain(grads):
+        return None, None
+    flat_w = flat_view(weights)
+    flat_g = flat_view(grads) if flat_w is not None else None
+    if flat_g is None or flat_g.numel() != flat_w.numel() or flat_g.dtype != flat_w.dtype:
+        return None, None
+    return flat_w, flat_g
+
+
+def _plain_skip_counts(optimizer: NeuroOptima, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict()`` saves ``skipped_steps`` as a number (read once, here), so a saved
+    state never aliases the live device counter and JSON writers can take it."""
+    for group in state_dict["param_groups"]:
+        count = group.get("skipped_steps")
+        if isinstance(count, Tensor):
+            group["skipped_steps"] = int(count)
+    return state_dict

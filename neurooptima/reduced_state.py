@@ -40,15 +40,20 @@ def stores_perturbation(param_dtype: torch.dtype, state_dtype: torch.dtype | Non
 
 
 def perturb_stored_(state: dict[Tensor, dict[str, Any]], owners: list[Tensor],
-                    params: list[Tensor], grads: list[Tensor], *, rho: float, norm: float,
-                    adaptive: bool, eta: float, dtype: torch.dtype) -> None:
+                    params: list[Tensor], grads: list[Tensor], *, rho: float,
+                    norm: float | Tensor, adaptive: bool, eta: float, dtype: torch.dtype,
+                    finite: Tensor | None = None) -> None:
     """Move ``params`` to ``w + e_q`` (``e_q``: SAM's ``e`` rounded to ``dtype``) and keep ``e_q``.
 
     ``owners[i]`` keys the state of ``params[i]`` (a DTensor parameter of a local shard).
+    ``norm`` and ``finite`` as in ``sam.perturb_``: where ``finite`` is false, ``e_q`` is 0.
     """
     scale = rho / (norm + NORM_EPS)
     for owner, p, g in zip(owners, params, grads):
-        e = perturbation(p, g, scale=scale, adaptive=adaptive, eta=eta).to(dtype)
+        e = perturbation(p, g, scale=scale, adaptive=adaptive, eta=eta)
+        if finite is not None:
+            e = torch.where(finite, e, 0.0)
+        e = e.to(dtype)
         p.add_(e)
         state[owner][SAM_PERTURBATION] = e
 

@@ -28,7 +28,7 @@ def norm_terms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool,
     return [(p.abs() + eta) * g for p, g in zip(params, grads)]
 
 
-def perturbation(p: Tensor, g: Tensor, *, scale: float, adaptive: bool, eta: float) -> Tensor:
+def perturbation(p: Tensor, g: Tensor, *, scale: float | Tensor, adaptive: bool, eta: float) -> Tensor:
     """SAM's ``e`` for one tensor, with ``scale = rho / (norm + NORM_EPS)``."""
     if adaptive:
         t = p.abs() + eta
@@ -36,9 +36,20 @@ def perturbation(p: Tensor, g: Tensor, *, scale: float, adaptive: bool, eta: flo
     return g * scale
 
 
-def perturb_(params: list[Tensor], grads: list[Tensor], *, rho: float, norm: float,
-             adaptive: bool, eta: float) -> None:
-    """Move ``params`` to ``w + e`` in place, given the global norm of ``norm_terms``."""
-    scale = rho / (norm + NORM_EPS)
+def sam_scale(rho: float, norm: float | Tensor) -> float | Tensor:
+    """``rho / (norm + NORM_EPS)``; a tensor norm gives a tensor scale (nothing read)."""
+    return rho / (norm + NORM_EPS)
+
+
+def perturb_(params: list[Tensor], grads: list[Tensor], *, rho: float, norm: float | Tensor,
+             adaptive: bool, eta: float, finite: Tensor | None = None) -> None:
+    """Move ``params`` to ``w + e`` in place, given the global norm of ``norm_terms``.
+
+    ``norm`` may be a 0-d tensor on the device. ``finite`` (a 0-d bool tensor) decides on the
+    device whether to perturb at all: where it is false ``e`` is 0, so non-finite gradients
+    leave the weights exactly as they were, with nothing read on the host.
+    """
+    scale = sam_scale(rho, norm)
     for p, g in zip(params, grads):
-        p.add_(perturbation(p, g, scale=scale, adaptive=adaptive, eta=eta))
+        e = perturbation(p, g, scale=scale, adaptive=adaptive, eta=eta)
+        p.add_(e if finite is None else torch.where(finite, e, 0.0))

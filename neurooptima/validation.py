@@ -25,7 +25,28 @@ def check_non_negative(name: str, value: Any) -> float:
     return value
 
 
+def check_lr(value: Any) -> float | torch.Tensor:
+    """A learning rate: a number >= 0, or a 1-element tensor (kept as given, on any device).
+
+    A tensor's value is read once here (its range is checked); the step reads it as data, so
+    changing it in place (``group["lr"].fill_(x)``) needs no new check and, on the fused path,
+    no host read and no recompilation.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if value.is_complex() or not value.is_floating_point():
+            raise ValueError(f"lr must be a real floating tensor, got dtype {value.dtype}")
+        check_non_negative("lr", float(value.detach().reshape(())))
+        return value
+    return check_non_negative("lr", value)
+
+
 def check_beta(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):  # torch accepts 1-element tensor betas; stored as floats
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = float(value.detach().reshape(()))
     value = _number(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
@@ -59,7 +80,8 @@ def check_group(group: dict) -> None:
     if update not in UPDATE_RULES:
         raise ValueError(f"update must be one of {', '.join(map(repr, UPDATE_RULES))}, "
                          f"got {update!r}")
-    for name in ("lr", "eps", "weight_decay", "sam_rho", "sam_eta"):
+    group["lr"] = check_lr(group["lr"])
+    for name in ("eps", "weight_decay", "sam_rho", "sam_eta"):
         group[name] = check_non_negative(name, group[name])
     check_beta("beta_diff", group["beta_diff"])
     group["betas"] = resolve_betas(update, group["betas"], group["beta_diff"])
