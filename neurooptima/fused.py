@@ -93,11 +93,11 @@ def _coefficients_body(rule, counter, lr, finite, norm, hyper):
     betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
     counter.add_(finite.to(counter.dtype))
     k = counter[0].to(torch.float64)
-    s = F.SCALARS[rule](k, lr=lr.to(torch.float64), betas=betas, eps=eps,
+    s = F.SCALARS[rule](k, lr=lr[0].to(torch.float64), betas=betas, eps=eps,
                         weight_decay=weight_decay, no_prox=no_prox)
     scale = torch.ones_like(k)
     if max_norm is not None:
-        scale = torch.clamp(max_norm / (norm.to(torch.float64) + CLIP_EPS), max=1.0)
+        scale = torch.clamp(max_norm / (norm[0].to(torch.float64) + CLIP_EPS), max=1.0)
     due = torch.zeros_like(k)
     if lookahead_k:
         due = (finite & (torch.remainder(k, lookahead_k) == 0)).to(torch.float64)
@@ -250,7 +250,9 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
              None if max_grad_norm is None else float(max_grad_norm),
              int(lookahead_k) if slow is not None else 0, float(lookahead_alpha))
     fn = _compile_once(_COEFFICIENT_FUNCTIONS[rule])
-    scalars = _call(fn, (counter, _lr_tensor(lr, device), finite, norm, hyper),
+    # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
+    scalars = _call(fn, (counter, _lr_tensor(lr, device).reshape(1), finite,
+                         None if norm is None else norm.reshape(1), hyper),
                     ("coefficients", rule, counter.dtype, device, norm is None))
     _run_kernel(rule, param, grad, buffers, scalars, no_prox, compute_dtype,
                 slow if hyper[5] else None)
