@@ -14,22 +14,24 @@ from neurooptima import NeuroOptima
 STEPS = 7
 
 
-def make_params(dtype=torch.float64):
+def make_params(dtype=torch.float64, device="cpu"):
     gen = torch.Generator().manual_seed(3)
     shapes = [(4, 3), (0,), (5,), (2, 0, 3), (3, 2), (6,)]
-    return [torch.randn(s, generator=gen, dtype=dtype).requires_grad_(True) for s in shapes]
+    return [torch.randn(s, generator=gen, dtype=dtype).to(device).requires_grad_(True)
+            for s in shapes]
 
 
-def run(update: str, foreach: bool, adaptive: bool):
-    params = make_params()
-    frozen = torch.ones(3, dtype=torch.float64, requires_grad=True)  # never gets a gradient
+def run(update: str, foreach: bool, adaptive: bool, device="cpu"):
+    params = make_params(device=device)
+    frozen = torch.ones(3, dtype=torch.float64, device=device, requires_grad=True)  # no grad
     groups = [dict(params=params[:3] + [frozen]),
               dict(params=params[3:], lr=3e-3, weight_decay=0.2, lookahead_k=2,
                    lookahead_alpha=0.7, sam_rho=0.1)]
     optimizer = NeuroOptima(groups, lr=1e-2, weight_decay=0.05, sam_rho=0.05, lookahead_k=3,
                             update=update, sam_adaptive=adaptive, foreach=foreach,
                             max_grad_norm=2.0)
-    target = [torch.linspace(-1, 1, p.numel(), dtype=torch.float64).reshape(p.shape)
+    target = [torch.linspace(-1, 1, p.numel(), dtype=torch.float64, device=device)
+              .reshape(p.shape)
               for p in params]
 
     def closure():
@@ -46,9 +48,9 @@ def run(update: str, foreach: bool, adaptive: bool):
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
 @pytest.mark.parametrize("update", ["adan", "lion", "lion_adan"])
-def test_foreach_equals_for_loop(update, adaptive):
-    loop_params, loop_state = run(update, foreach=False, adaptive=adaptive)
-    fe_params, fe_state = run(update, foreach=True, adaptive=adaptive)
+def test_foreach_equals_for_loop(update, adaptive, device):
+    loop_params, loop_state = run(update, foreach=False, adaptive=adaptive, device=device)
+    fe_params, fe_state = run(update, foreach=True, adaptive=adaptive, device=device)
     for a, b in zip(loop_params, fe_params):
         assert torch.equal(a, b)
     for a, b in zip(loop_state, fe_state):
@@ -56,9 +58,9 @@ def test_foreach_equals_for_loop(update, adaptive):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     # The gradient-less parameter kept its value and has only its slow weights in state.
-    assert torch.equal(loop_params[-1], torch.ones(3, dtype=torch.float64))
+    assert torch.equal(loop_params[-1], torch.ones(3, dtype=torch.float64, device=device))
     assert set(loop_state[-1]) == {"lookahead.slow"}
     # Zero-size parameters got state like any other parameter.
     assert loop_state[1]["step"].item() == STEPS and loop_state[1]["lookahead.slow"].numel() == 0
     # Guard: the weights moved.
-    assert not torch.equal(loop_params[0], make_params()[0])
+    assert not torch.equal(loop_params[0], make_params(device=device)[0])

@@ -13,10 +13,10 @@ from neurooptima import NeuroOptima
 RULES = ["adan", "lion", "lion_adan"]
 
 
-def make(update: str, **kwargs):
+def make(update: str, device="cpu", **kwargs):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(4, 3, generator=gen, dtype=torch.float64).requires_grad_(True),
-              torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)]
+    params = [torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_(),
+              torch.randn(5, generator=gen, dtype=torch.float64).to(device).requires_grad_()]
     groups = [dict(params=params[:1]), dict(params=params[1:], lr=3e-3)]
     return params, NeuroOptima(groups, lr=1e-2, weight_decay=0.1, update=update, **kwargs)
 
@@ -24,7 +24,7 @@ def make(update: str, **kwargs):
 def set_grads(params, step: int, bad: float | None = None):
     gen = torch.Generator().manual_seed(100 + step)
     for i, p in enumerate(params):
-        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
         if bad is not None and i == 1:
             p.grad[2] = bad
 
@@ -43,8 +43,8 @@ def same(a, b) -> bool:
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
 @pytest.mark.parametrize("update", RULES)
-def test_nonfinite_gradient_skips_the_whole_step(update, bad):
-    params, optimizer = make(update, sam_rho=0.0, lookahead_k=2, max_grad_norm=1.0)
+def test_nonfinite_gradient_skips_the_whole_step(update, bad, device):
+    params, optimizer = make(update, device, sam_rho=0.0, lookahead_k=2, max_grad_norm=1.0)
     set_grads(params, 0)
     optimizer.step()
     before = snapshot(params, optimizer)
@@ -56,7 +56,8 @@ def test_nonfinite_gradient_skips_the_whole_step(update, bad):
     assert "skipped_steps" in optimizer.state_dict()["param_groups"][0]
 
     # The skipped step is a no-op: continuing equals a run that never saw it.
-    ref_params, reference = make(update, sam_rho=0.0, lookahead_k=2, max_grad_norm=1.0)
+    ref_params, reference = make(update, device, sam_rho=0.0, lookahead_k=2,
+                                 max_grad_norm=1.0)
     for step in (0, 2, 3):
         set_grads(ref_params, step)
         reference.step()
@@ -67,8 +68,8 @@ def test_nonfinite_gradient_skips_the_whole_step(update, bad):
 
 
 @pytest.mark.parametrize("update", RULES)
-def test_nonfinite_second_pass_skips_and_restores_weights(update):
-    params, optimizer = make(update)
+def test_nonfinite_second_pass_skips_and_restores_weights(update, device):
+    params, optimizer = make(update, device)
     calls = []
 
     def closure():
@@ -89,8 +90,8 @@ def test_nonfinite_second_pass_skips_and_restores_weights(update):
 
 
 @pytest.mark.parametrize("update", RULES)
-def test_nonfinite_first_pass_does_not_perturb(update):
-    params, optimizer = make(update)
+def test_nonfinite_first_pass_does_not_perturb(update, device):
+    params, optimizer = make(update, device)
     seen = []
 
     def closure():
@@ -108,7 +109,7 @@ def test_nonfinite_first_pass_does_not_perturb(update):
     assert all(torch.equal(a, b) for a, b in zip(seen[1], start))
     assert all(torch.isfinite(p).all() for p in params)
     # Its finite gradient was applied like a step without SAM.
-    ref_params, reference = make(update, sam_rho=0.0)
+    ref_params, reference = make(update, device, sam_rho=0.0)
     for p in ref_params:
         p.grad = 2 * p.detach().clone()
     reference.step()
@@ -116,8 +117,8 @@ def test_nonfinite_first_pass_does_not_perturb(update):
     assert [g["skipped_steps"] for g in optimizer.param_groups] == [0, 0]
 
 
-def test_two_phase_first_step_with_nonfinite_gradients_keeps_weights():
-    params, optimizer = make("adan")
+def test_two_phase_first_step_with_nonfinite_gradients_keeps_weights(device):
+    params, optimizer = make("adan", device)
     set_grads(params, 0, bad=math.nan)
     start = [p.detach().clone() for p in params]
     optimizer.first_step()
