@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCHRUN := $(VENV)/bin/torchrun
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test test-unit test-distributed demo bench-quick clean
+.PHONY: install test test-unit test-distributed demo bench-quick gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ test-distributed: install
 
 demo: install
 	$(TORCHRUN) --standalone --nproc_per_node=2 launch/train.py
+
+# On one CUDA GPU, in a few minutes: unit suite on cuda, distributed suite on nccl, step speed
+# against a device copy, a CUDA-graph step, a digits run; writes benchmarks/results/gpu.json and
+# GPU.md. Without a GPU it says so and succeeds.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV)
