@@ -12,6 +12,28 @@ Per-parameter state keys are namespaced: ``step`` (tensor counter of applied upd
 (created with the parameter, a copy of its initial value) and ``sam.origin`` (only between the
 two SAM passes). Each param group counts the steps it skipped for non-finite gradients in
 ``skipped_steps``.
+
+Host reads (each one waits for a GPU). A step whose every parameter goes through the fused
+kernel (``fused=True``: float32 or narrower, contiguous, not DTensor) is sync-free: norm
+statistics, SAM's norm and perturbation, the clipping coefficient, the non-finite skip, the
+step counters (tensors on the parameters' device, as torch's ``capturable`` ones) with the
+bias corrections, and Lookahead's every-k-th decision all stay on the device; a skipped step
+stores what it loaded (``where(finite, new, old)``) and its counters advance by ``finite``.
+``skipped_steps`` is then a 0-d device tensor, and ``SkippedStepWarning`` reads a
+non-blocking host copy of the device count once that copy has completed (a GPU never waits;
+the warning may come a step late). The reads that remain, and why:
+
+* every other step (``foreach`` or for-loop kernels, float64 or DTensor parameters): one read
+  of the norm statistics decides the skip and the clipping, the eager kernels take the step
+  counts and a tensor ``lr`` as numbers (one read per parameter, as torch's non-capturable
+  optimizers), and Lookahead reads the counts; a compiled per-element selection on those
+  paths would cost a full extra pass over every buffer;
+* SAM's first pass when a group is not fused: one read, so that a skipped perturbation keeps
+  no restore copy (``sam.origin``); fused groups keep it either way;
+* ``state_dict()`` reads ``skipped_steps`` (saved as a number); a learning rate tensor is read
+  when it is checked (at construction and when the group's ``lr`` is replaced, not when it is
+  changed in place); counters of a loaded state dict are read once at its first fused step
+  (to group equal counts; the optimizer tracks them from then on without reading).
 """
 
 from __future__ import annotations
