@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -362,14 +363,33 @@ def train(args: argparse.Namespace) -> float:
     return accuracy
 
 
+def shutdown_distributed(*, completed: bool) -> None:
+    """Tear the process group down while the interpreter is still whole.
+
+    DDP's reducer, FSDP's state and the sharded optimizer's buckets hold gloo work and tensors
+    and sit in reference cycles, so plain reference counting does not free them when
+    ``train`` returns. Left to the interpreter's final collection, after the group is gone,
+    their destructors run in a finalizing interpreter and the process aborts ("terminate called
+    without an active exception") after its work is done. So: collect them now, let every rank
+    arrive (after a clean run only: a failed peer would never come), then destroy the group.
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     init_distributed(args)
+    completed = False
     try:
         train(args)
+        completed = True
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(completed=completed)
     return 0
 
 
