@@ -10,6 +10,12 @@ A bucket packs several parameters so one collective serves them all. Its flat bu
 each section ``S`` the sum of the chunk sizes; a reduce-scatter of it leaves on each rank its
 own chunks, contiguous, and an all-gather of the sections rebuilds the whole buffer.
 
+Precision: the weights a bucket all-gathers are in the parameters' dtype; this rank's chunks
+(``owned``, the inner optimizer's parameters) may be wider, ``master_dtype`` (fp32 master weights
+for bf16 / fp16 parameters, as Megatron's distributed optimizer and DeepSpeed keep them), and the
+gradient reduce-scatter runs in ``reduce_dtype``; the reduced chunks are handed over in the
+master dtype.
+
 The gradient reduce-scatter carries one more element per parameter after every section: 1 where
 this rank has a gradient for it, else 0. Every rank's row holds the same flags, so each rank
 receives, summed, how many ranks produced each gradient, with no collective of its own (DDP
@@ -87,8 +93,10 @@ class Bucket:
     section: int
     world_size: int
     rank: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # the parameters' (and the weight all-gather's)
     device: torch.device
+    master_dtype: torch.dtype | None = None  # this rank's chunks; None: the parameters'
+    reduce_dtype: torch.dtype | None = None  # the gradient reduce-scatter; None: the parameters'
     owned: Tensor = field(init=False)  # this rank's weight chunks; the inner params view it
     received: Tensor = field(init=False)  # reduce-scatter output: gradient chunks, use counts
     ready: set = field(default_factory=set)
@@ -97,8 +105,17 @@ class Bucket:
     had_grad: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.owned = torch.zeros(self.section, dtype=self.dtype, device=self.device)
-        self.received = torch.zeros(self.row, dtype=self.dtype, device=self.device)
+        self.master_dtype = self.master_dtype or self.dtype
+        self.reduce_dtype = self.reduce_dtype or self.dtype
+        self.owned = torch.zeros(self.section, dtype=self.master_dtype, device=self.device)
+        self.received = torch.zeros(self.row, dtype=self.reduce_dtype, device=self.device)
+        # The reduced gradient in the chunks' dtype, when the reduce-scatter's differs.
+        self._grad = (None if self.reduce_dtype == self.master_dtype else
+                      torch.zeros(self.section, dtype=self.master_dtype, device=self.device))
+
+    @property
+    def has_master(self) -> bool:
+        return self.master_dtype != self.dtype
 
     @property
     def row(self) -> int:
@@ -107,8 +124,21 @@ class Bucket:
 
     @property
     def grad(self) -> Tensor:
-        """This rank's reduced gradient chunks."""
-        return self.received[:self.section]
+        """This rank's reduced gradient chunks (in the chunks' dtype, after ``average``)."""
+        return self.received[:self.section] if self._grad is None else self._grad
+
+    @torch.no_grad()
+    def average(self, world_size: int) -> None:
+        """Turn the received sum into the mean over ranks, in the chunks' dtype."""
+        if self._grad is None:
+            self.received[:self.section].div_(world_size)
+        else:
+            self._grad.copy_(self.received[:self.section]).div_(world_size)
+
+    @torch.no_grad()
+    def owned_for_gather(self) -> Tensor:
+        """This rank's chunks in the parameters' dtype, as the all-gather sends them."""
+        return self.owned if not self.has_master else self.owned.to(self.dtype)
 
     @property
     def use_counts(self) -> Tensor:
@@ -136,7 +166,8 @@ class Bucket:
     def pack_grads(self) -> Tensor:
         """The local gradients laid out rank-major (missing gradients as zeros), each row
         followed by the use flags."""
-        send = torch.empty(self.world_size * self.row, dtype=self.dtype, device=self.device)
+        send = torch.empty(self.world_size * self.row, dtype=self.reduce_dtype,
+                           device=self.device)
         rows = send.view(self.world_size, self.row)
         self.had_grad = []
         for slot in self.slots:
@@ -147,18 +178,26 @@ class Bucket:
                 view.zero_()
             else:
                 _rows_from_flat(view, g.detach().reshape(-1), slot.numel, slot.chunk)
-        flags = torch.tensor(self.had_grad, dtype=self.dtype, device=self.device)
+        flags = torch.tensor(self.had_grad, dtype=self.reduce_dtype, device=self.device)
         rows[:, self.section:].copy_(flags.expand(self.world_size, -1))
         return send
 
     @torch.no_grad()
     def pull_owned(self) -> None:
-        """Refresh this rank's weight chunks from the (full) module parameters."""
+        """Refresh this rank's weight chunks from the (full) module parameters.
+
+        With master weights only the elements whose parameter value differs from the master
+        rounded to the parameters' dtype are taken (a user loaded or edited them); the others
+        keep the master's extra precision.
+        """
         for slot in self.slots:
-            chunk = self.chunk_view(self.owned, slot)
-            flat = slot.param.detach().reshape(-1)
-            chunk[:slot.valid].copy_(flat[slot.start:slot.start + slot.valid])
-            chunk[slot.valid:].zero_()
+            chunk = self.chunk_view(self.owned, slot)[:slot.valid]
+            piece = slot.param.detach().reshape(-1)[slot.start:slot.start + slot.valid]
+            if self.has_master:
+                chunk.copy_(torch.where(chunk.to(self.dtype) == piece, chunk, piece.to(chunk)))
+            else:
+                chunk.copy_(piece)
+            self.chunk_view(self.owned, slot)[slot.valid:].zero_()
 
     @torch.no_grad()
     def write_params(self, gathered: Tensor) -> None:
@@ -186,7 +225,8 @@ class Bucket:
 
 
 def build_buckets(params: list[Tensor], *, world_size: int, rank: int,
-                  bucket_cap_bytes: int) -> list[Bucket]:
+                  bucket_cap_bytes: int, master_dtype: torch.dtype | None = None,
+                  reduce_dtype: torch.dtype | None = None) -> list[Bucket]:
     """Group parameters into buckets of at most ``bucket_cap_bytes`` (full, padded buffer).
 
     Parameters are taken in reverse order, as DDP does: backward produces the last layers'
@@ -199,7 +239,10 @@ def build_buckets(params: list[Tensor], *, world_size: int, rank: int,
     def close(key: tuple) -> None:
         slots = open_.pop(key, None)
         if slots:
-            buckets.append(Bucket(slots, sizes.pop(key), world_size, rank, key[0], key[1]))
+            dtype = key[0]
+            low = dtype in (torch.bfloat16, torch.float16)
+            buckets.append(Bucket(slots, sizes.pop(key), world_size, rank, dtype, key[1],
+                                  master_dtype if low else None, reduce_dtype))
 
     for index in reversed(range(len(params))):
         p = params[index]

@@ -133,7 +133,7 @@ class GradientSync:
         """Wait for one bucket's reduce-scatter, free its buffers, average over ranks."""
         wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {position}")
         bucket.work, bucket.send = None, None
-        bucket.grad.div_(self.world_size)  # mean over ranks, as DDP
+        bucket.average(self.world_size)  # mean over ranks, as DDP
 
     def _backward_ended(self) -> None:
         self._callback_queued = False

@@ -97,6 +97,11 @@ class ShardedNeuroOptima(Optimizer):
         bucket_cap_mb: size of a gradient bucket (full, padded buffer) in MiB, > 0.
         timeout: seconds (or a timedelta) a collective may wait for its peers before this rank
             raises; None uses the process group's timeout.
+        master_weights: with bfloat16 or float16 parameters, keep this rank's chunks in float32
+            (the master weights, sharded with the state): the update runs in float32 and the
+            all-gather sends the parameters' dtype. False: update the parameters' dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (e.g. ``torch.float32`` for bf16
+            parameters); None: the parameters' dtype.
         module: the model; with ``broadcast_buffers`` its buffers (BatchNorm statistics) are
             broadcast from the group's first rank before every training forward, as DDP does.
         broadcast_buffers: switch for the above (needs ``module``).
@@ -119,6 +124,7 @@ class ShardedNeuroOptima(Optimizer):
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
                  process_group: dist.ProcessGroup | None = None, sam_mode: str = "global",
                  bucket_cap_mb: float = 25, timeout: float | datetime.timedelta | None = None,
+                 master_weights: bool = True, reduce_dtype: torch.dtype | None = None,
                  module: nn.Module | None = None, broadcast_buffers: bool = True,
                  lr: float = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int | None = 5, lookahead_alpha: float = 0.5,
@@ -145,6 +151,14 @@ class ShardedNeuroOptima(Optimizer):
         self.world_size = dist.get_world_size(process_group)
         self.sam_mode = sam_mode
         self.bucket_cap_mb = bucket_cap_mb
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"master_weights must be True or False, got {master_weights!r}")
+        if reduce_dtype is not None and not (isinstance(reduce_dtype, torch.dtype)
+                                             and reduce_dtype.is_floating_point):
+            raise ValueError(f"reduce_dtype must be None or a floating-point torch dtype, got "
+                             f"{reduce_dtype!r}")
+        self.master_weights = master_weights
+        self.reduce_dtype = reduce_dtype
         self.timeout = _as_timeout(timeout)
         defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
@@ -164,7 +178,9 @@ class ShardedNeuroOptima(Optimizer):
 
         params_ = [p for group in self.param_groups for p in group["params"]]
         self._buckets = build_buckets(params_, world_size=self.world_size, rank=self.rank,
-                                      bucket_cap_bytes=int(bucket_cap_mb * 2**20))
+                                      bucket_cap_bytes=int(bucket_cap_mb * 2**20),
+                                      master_dtype=torch.float32 if master_weights else None,
+                                      reduce_dtype=reduce_dtype)
         self._slots: dict[Tensor, tuple[Bucket, ShardSlot]] = {}
         self._chunks: dict[Tensor, Tensor] = {}  # module parameter -> its chunk (inner param)
         for bucket in self._buckets:
@@ -198,6 +214,8 @@ class ShardedNeuroOptima(Optimizer):
         mine = {
             "sam_mode": self.sam_mode,
             "bucket_cap_mb": self.bucket_cap_mb,
+            "master_weights": self.master_weights,
+            "reduce_dtype": str(self.reduce_dtype),
             "groups": [{**{k: group[k] for k in HYPER_KEYS},
                         "parameter shapes": [(tuple(p.shape), str(p.dtype))
                                              for p in group["params"]]}
@@ -208,7 +226,7 @@ class ShardedNeuroOptima(Optimizer):
         first = everyone[0]
         diffs = []
         for rank, theirs in enumerate(everyone[1:], start=1):
-            for key in ("sam_mode", "bucket_cap_mb"):
+            for key in ("sam_mode", "bucket_cap_mb", "master_weights", "reduce_dtype"):
                 if theirs[key] != first[key]:
                     diffs.append(f"{key}: rank 0 has {first[key]!r}, rank {rank} has "
                                  f"{theirs[key]!r}")
@@ -379,7 +397,7 @@ class ShardedNeuroOptima(Optimizer):
             if len(pending) >= BUCKETS_IN_FLIGHT:
                 finish(*pending.pop(0))
             out = torch.empty(bucket.full_numel(), dtype=bucket.dtype, device=bucket.device)
-            pending.append((i, bucket, out, all_gather_flat(out, bucket.owned,
+            pending.append((i, bucket, out, all_gather_flat(out, bucket.owned_for_gather(),
                                                             self.process_group)))
         for item in pending:
             finish(*item)
