@@ -170,7 +170,7 @@ def render(rows: list[dict], out_dir: Path) -> None:
     ax.set_xticks(list(xs), [f"N = {w}" for w in worlds])
     ax.set_ylabel("peak memory per rank (MiB)")
     ax.set_title("Peak memory of a training step")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(out_dir / "sharded_memory.png", dpi=120)
     plt.close(fig)
