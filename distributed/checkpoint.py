@@ -29,7 +29,7 @@ from neurooptima.functional import state_keys
 from neurooptima.state_validation import rule_mismatch
 from neurooptima.validation import check_group
 
-from .sharded import HYPER_KEYS, ShardedNeuroOptima
+from .sharded import HYPER_KEYS, MASTER, ShardedNeuroOptima
 
 __all__ = ["sharded_state_dict", "save_checkpoint", "load_checkpoint"]
 
@@ -77,6 +77,9 @@ def sharded_state_dict(optimizer: ShardedNeuroOptima) -> dict[str, Any]:
         state[str(slot.index)] = {
             key: (_sharded(value, slot, mesh) if value.dim() == 1 and key != "step" else value)
             for key, value in entry.items()}
+        if optimizer._bucket_of(slot).has_master:  # the float32 master weights' chunk
+            state[str(slot.index)][MASTER] = _sharded(optimizer._chunks[slot.param].detach(),
+                                                      slot, mesh)
     return {"state": state, _GROUPS: _groups_json(optimizer)}
 
 
@@ -141,7 +144,7 @@ def _check_entries(optimizer: ShardedNeuroOptima, groups: list[dict[str, Any]],
             index += 1
     for index, keys in saved.items():
         slot, rule = slots[index], rule_of[index]
-        allowed = set(state_keys(rule)) | {"lookahead.slow"}
+        allowed = set(state_keys(rule)) | {"lookahead.slow", MASTER}
         for key, meta in keys.items():
             if key == "step":
                 continue
@@ -191,6 +194,10 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
     # Only now, with everything read, replace the optimizer's settings and state.
     for group, new in zip(optimizer.param_groups, groups):
         group.update(new)
+    for chunk, entry in new_state.items():
+        master = entry.pop(MASTER, None)
+        if master is not None:
+            chunk.detach().copy_(master)
     optimizer.local_optimizer.state.clear()
     optimizer.local_optimizer.state.update(new_state)
     optimizer._sync_groups_to_inner()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import Optimizer
 
 from neurooptima import NeuroOptima, reduced_state
-from neurooptima.optimizer import run_step
+from neurooptima.optimizer import _tensor_step, run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.optimizer import CLIP_EPS
 from neurooptima.sam import norm_terms, perturb_
@@ -45,7 +45,9 @@ from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wai
 from .flat_shards import Bucket, ShardSlot, build_buckets
 from .grad_sync import BUCKETS_IN_FLIGHT, GradientSync
 
-__all__ = ["ShardedNeuroOptima", "SAM_MODES"]
+__all__ = ["ShardedNeuroOptima", "SAM_MODES", "MASTER"]
+
+MASTER = "master"  # checkpoint key of a parameter's float32 master weights
 
 SAM_MODES = ("global", "local")
 
@@ -505,11 +507,22 @@ class ShardedNeuroOptima(Optimizer):
     def _slot_list(self) -> list[ShardSlot]:
         return sorted((slot for _, slot in self._slots.values()), key=lambda s: s.index)
 
+    def _bucket_of(self, slot: ShardSlot) -> Bucket:
+        return self._slots[slot.param][0]
+
+    def _gather_chunk(self, value: Tensor, slot: ShardSlot, key: str) -> Tensor:
+        """The parameter-shaped whole of a chunk-sized tensor, from every rank (collective)."""
+        gathered = value.new_empty(self.world_size * slot.chunk)
+        wait(all_gather_flat(gathered, value.detach().contiguous(), self.process_group),
+             self.timeout, f"all-gather of state {key!r} of parameter {slot.index}")
+        return slot.unpad(gathered).clone()
+
     @torch.no_grad()
     def state_dict(self) -> dict[str, Any]:
         """The full (unsharded) state dict, in ``NeuroOptima``'s format; a collective call.
 
         Every rank receives the whole dict; it loads into single-process ``NeuroOptima``.
+        With master weights each parameter's entry also holds its float32 ``"master"``.
         For checkpoints that stay sharded, see ``neurooptima.distributed.checkpoint``.
         """
         if self._sam_phase is not None:
@@ -524,12 +537,11 @@ class ShardedNeuroOptima(Optimizer):
             full: dict[str, Any] = {}
             for key, value in entry.items():
                 if torch.is_tensor(value) and value.dim() == 1 and key != "step":
-                    gathered = value.new_empty(self.world_size * slot.chunk)
-                    wait(all_gather_flat(gathered, value.contiguous(), self.process_group),
-                         self.timeout, f"all-gather of state {key!r} of parameter {slot.index}")
-                    full[key] = slot.unpad(gathered).clone()
+                    full[key] = self._gather_chunk(value, slot, key)
                 else:
                     full[key] = value.clone() if torch.is_tensor(value) else value
+            if self._bucket_of(slot).has_master:
+                full[MASTER] = self._gather_chunk(self._chunks[slot.param], slot, MASTER)
             state[slot.index] = full
         groups, index = [], 0
         for group in self.param_groups:
@@ -553,23 +565,40 @@ class ShardedNeuroOptima(Optimizer):
         for saved in state_dict["param_groups"]:
             check_group({k: v for k, v in saved.items() if k != "params"})
         self._discard_pending()
-        # torch's loader checks the group sizes, maps indices to parameters and casts.
+        # torch's loader checks the group sizes and takes the param groups; the state it casts
+        # to the (maybe bfloat16) module parameters' dtype is not used: the chunks are taken
+        # from the caller's tensors, in their own precision.
         super().load_state_dict(state_dict)
+        self.state.clear()
         for group in self.param_groups:
             check_group(group)
             group.setdefault("skipped_steps", 0)
+        by_id = {saved_id: p for saved, group in zip(state_dict["param_groups"],
+                                                     self.param_groups)
+                 for saved_id, p in zip(saved["params"], group["params"])}
         inner_state: dict[Tensor, dict[str, Any]] = {}
-        for p, entry in self.state.items():
+        masters: list[tuple[Tensor, Tensor]] = []
+        for saved_id, entry in state_dict["state"].items():
+            p = by_id[saved_id]
             _, slot = self._slots[p]
             chunk = self._chunks[p]
-            # Copies, never aliases: torch's loader hands back the caller's own tensors.
-            inner_state[chunk] = {
-                key: (slot.own_chunk(value, self.world_size).to(chunk.dtype)
-                      if torch.is_tensor(value) and key != "step" and value.shape == p.shape
-                      else value.clone() if torch.is_tensor(value) else value)
-                for key, value in entry.items()}
-        self.state.clear()
+            new: dict[str, Any] = {}
+            for key, value in entry.items():
+                if key == "step":  # a copy: the caller's counter must not count our steps
+                    new[key] = _tensor_step(value, chunk.device).clone()
+                elif torch.is_tensor(value) and value.shape == p.shape:
+                    # A copy, never an alias of the caller's tensor.
+                    own = slot.own_chunk(value.to(chunk.device), self.world_size).to(chunk.dtype)
+                    if key == MASTER:
+                        masters.append((chunk, own))
+                    else:
+                        new[key] = own
+                else:
+                    new[key] = value.clone() if torch.is_tensor(value) else value
+            inner_state[chunk] = new
         self._inner.state.clear()
         self._inner.state.update(inner_state)
+        for chunk, own in masters:
+            chunk.detach().copy_(own)
         self._sync_groups_to_inner()
         reduced_state.restore_state_dtypes(self._inner)  # the loader cast to the chunk dtype

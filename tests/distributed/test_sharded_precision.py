@@ -133,3 +133,50 @@ def test_user_edits_of_bf16_weights_reach_the_master(world):
     edited = model.fc1.weight.detach()[0].float()
     assert torch.allclose(edited, torch.full_like(edited, 0.5), atol=2 ** -7)
     assert torch.equal(chunk.detach()[:slot.valid].bfloat16().float(), own)
+
+
+def _train_range(model, optimizer, steps, rank, n):
+    for step in steps:
+        x, y = local_batch(step, rank, n)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn(model, x.bfloat16(), y.bfloat16())
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+
+
+@pytest.mark.parametrize("how", ["full_state_dict", "sharded_checkpoint"])
+def test_checkpoints_keep_the_master_weights_and_resume_exactly(world, tmp_path_factory, how):
+    import torch.distributed as dist
+
+    from neurooptima.distributed import load_checkpoint, save_checkpoint
+
+    rank, n = world
+    hyper = dict(HYPER, sam_rho=0.05)
+    model = _bf16_model(9)
+    optimizer = ShardedNeuroOptima(model.parameters(), **hyper)
+    _train_range(model, optimizer, range(5), rank, n)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = [str(tmp_path_factory.mktemp("ckpt")) if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    if how == "full_state_dict":
+        saved = optimizer.state_dict()
+        assert all(e["master"].dtype == torch.float32 for e in saved["state"].values())
+    else:
+        save_checkpoint(optimizer, folder[0] + "/opt")
+    _train_range(model, optimizer, range(5, 10), rank, n)  # the uninterrupted run
+
+    resumed = _bf16_model(0)  # other weights: everything must come from the checkpoint
+    resumed.load_state_dict(weights)
+    fresh = ShardedNeuroOptima(resumed.parameters(), **hyper)
+    if how == "full_state_dict":
+        fresh.load_state_dict(saved)
+    else:
+        load_checkpoint(fresh, folder[0] + "/opt")
+    _train_range(resumed, fresh, range(5, 10), rank, n)
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+    same = same and all(torch.equal(optimizer.chunk_of(a), fresh.chunk_of(b))
+                        for a, b in zip(model.parameters(), resumed.parameters()))
+    assert agree_max(0.0 if same else 1.0) == 0.0
