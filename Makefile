@@ -23,6 +23,7 @@ test-unit: install
 test-distributed: install
 	$(TORCHRUN) --standalone --nproc_per_node=2 -m pytest -q tests/distributed
 	$(TORCHRUN) --standalone --nproc_per_node=3 -m pytest -q tests/distributed -m "not two_ranks_only"
+	$(TORCHRUN) --standalone --nproc_per_node=4 -m pytest -q tests/distributed -m four_ranks
 
 demo: install
 	$(TORCHRUN) --standalone --nproc_per_node=2 launch/train.py

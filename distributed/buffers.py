@@ -21,12 +21,13 @@ __all__ = ["BufferBroadcast"]
 class BufferBroadcast:
     """A forward pre-hook on ``module`` that broadcasts its buffers from the group's first rank."""
 
-    def __init__(self, module: nn.Module, process_group=None,
+    def __init__(self, module: nn.Module, groups: list | None = None,
                  timeout: datetime.timedelta | None = None) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         self.module = module
-        self.process_group = process_group
+        # Broadcast in each group in turn (across replicas, then within the shard group).
+        self.groups = groups if groups is not None else [None]
         self.timeout = timeout
         self.handle = module.register_forward_pre_hook(self._before_forward)
 
@@ -41,7 +42,8 @@ class BufferBroadcast:
             groups[(buffer.device, buffer.dtype)].append(buffer)
         for buffers in groups.values():
             flat = torch.cat([b.reshape(-1) for b in buffers])
-            broadcast_(flat, self.process_group, self.timeout, "broadcast of module buffers")
+            for group in self.groups:
+                broadcast_(flat, group, self.timeout, "broadcast of module buffers")
             for b, piece in zip(buffers, flat.split([b.numel() for b in buffers])):
                 b.copy_(piece.view_as(b))
 

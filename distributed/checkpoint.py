@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from neurooptima.functional import state_keys
 from neurooptima.state_validation import rule_mismatch
@@ -36,7 +36,21 @@ __all__ = ["sharded_state_dict", "save_checkpoint", "load_checkpoint"]
 _GROUPS = "param_groups_json"
 
 
+def _dcp_group(optimizer: ShardedNeuroOptima) -> Any:
+    """The ranks that write and read the checkpoint: the shard group, or with hybrid sharding
+    the whole mesh (replicas write their equal chunks once; DCP deduplicates)."""
+    mesh = optimizer.topology.mesh
+    if mesh is None or mesh.ndim == 1:
+        return optimizer.process_group
+    if mesh.size() != dist.get_world_size():
+        raise ValueError("sharded checkpoints of a hybrid (2-D) mesh need the mesh to span "
+                         "every rank of the default process group")
+    return None
+
+
 def _mesh(optimizer: ShardedNeuroOptima) -> DeviceMesh:
+    if optimizer.topology.mesh is not None:
+        return optimizer.topology.mesh
     group = optimizer.process_group or dist.group.WORLD
     device = next(iter(optimizer._chunks.values())).device.type if optimizer._chunks else "cpu"
     return DeviceMesh.from_group(group, device)
@@ -44,7 +58,9 @@ def _mesh(optimizer: ShardedNeuroOptima) -> DeviceMesh:
 
 def _sharded(chunk_buffer: Tensor, slot, mesh: DeviceMesh) -> DTensor:
     # A view of the unpadded part: DCP writes loaded values straight into the buffer.
-    return DTensor.from_local(chunk_buffer[:slot.valid], mesh, [Shard(0)], run_check=False,
+    # Replicated across the replicate dimension of a hybrid mesh, sharded within the shard one.
+    placements = [Replicate()] * (mesh.ndim - 1) + [Shard(0)]
+    return DTensor.from_local(chunk_buffer[:slot.valid], mesh, placements, run_check=False,
                               shape=torch.Size([slot.numel]), stride=(1,))
 
 
@@ -86,7 +102,7 @@ def sharded_state_dict(optimizer: ShardedNeuroOptima) -> dict[str, Any]:
 def save_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathLike) -> None:
     """Write this optimizer's sharded state to a DCP checkpoint (every rank of its group)."""
     dcp.save(sharded_state_dict(optimizer), checkpoint_id=checkpoint_id,
-             process_group=optimizer.process_group)
+             process_group=_dcp_group(optimizer))
 
 
 def _saved_entries(metadata: Metadata) -> dict[int, dict[str, TensorStorageMetadata]]:
@@ -101,7 +117,7 @@ def _saved_entries(metadata: Metadata) -> dict[int, dict[str, TensorStorageMetad
 def _saved_groups(optimizer: ShardedNeuroOptima, checkpoint_id) -> list[dict[str, Any]]:
     """The checkpoint's param groups, checked against the optimizer (nothing is loaded yet)."""
     loaded = {_GROUPS: ""}
-    dcp.load(loaded, checkpoint_id=checkpoint_id, process_group=optimizer.process_group)
+    dcp.load(loaded, checkpoint_id=checkpoint_id, process_group=_dcp_group(optimizer))
     groups = json.loads(loaded[_GROUPS])["param_groups"]
     if len(groups) != len(optimizer.param_groups):
         raise ValueError(f"the checkpoint has {len(groups)} param groups, the optimizer "
@@ -190,7 +206,7 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
         new_state[chunk] = entry
         request[str(index)] = wanted
     dcp.load({"state": request}, checkpoint_id=checkpoint_id,
-             process_group=optimizer.process_group)
+             process_group=_dcp_group(optimizer))
     # Only now, with everything read, replace the optimizer's settings and state.
     for group, new in zip(optimizer.param_groups, groups):
         group.update(new)

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from .comm_accounting import record
 
-__all__ = ["all_reduce_norm_stats", "reduce_scatter_flat", "all_gather_flat", "broadcast_",
-           "wait", "CollectiveError"]
+__all__ = ["all_reduce_norm_stats", "reduce_scatter_flat", "all_gather_flat", "all_reduce_flat",
+           "broadcast_", "wait", "CollectiveError"]
 
 # torch 2.13 renamed the flat collectives; older releases (>= 2.6 is supported) have the
 # former names only.
@@ -112,6 +112,12 @@ def all_gather_flat(output: Tensor, input: Tensor, group=None):
     """Start an all-gather of every rank's flat ``input`` into ``output`` (rank order)."""
     record("all_gather", _nbytes(output), dist.get_world_size(group))
     return _all_gather(output, input, group=group, async_op=True)
+
+
+def all_reduce_flat(tensor: Tensor, group=None):
+    """Start a sum all-reduce of ``tensor`` in place over ``group`` (the replicas of a chunk)."""
+    record("all_reduce", _nbytes(tensor), dist.get_world_size(group))
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
 
 
 def broadcast_(tensor: Tensor, group=None, timeout: datetime.timedelta | None = None,

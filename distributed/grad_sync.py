@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Variable
 
-from .collectives import reduce_scatter_flat, wait
+from .collectives import all_reduce_flat, reduce_scatter_flat, wait
 from .flat_shards import Bucket
 
 __all__ = ["GradientSync", "GRADIENT_EDIT_ERROR", "BUCKETS_IN_FLIGHT"]
@@ -52,10 +52,14 @@ class GradientSync:
     """Hooks, bucket launches and the wait for the reduced gradients of one optimizer."""
 
     def __init__(self, buckets: list[Bucket], process_group, world_size: int,
-                 timeout: datetime.timedelta | None, suspended: Callable[[], bool]) -> None:
+                 timeout: datetime.timedelta | None, suspended: Callable[[], bool],
+                 replicate_group=None, replicas: int = 1) -> None:
         self.buckets = buckets
-        self.process_group = process_group
+        self.process_group = process_group  # the shard group: the reduce-scatter's
         self.world_size = world_size
+        # Hybrid sharding: each reduced chunk is then summed over the replicas of the shard.
+        self.replicate_group = replicate_group
+        self.replicas = replicas
         self.timeout = timeout
         self._suspended = suspended  # no_sync(), or SAM-local's first pass
         self._slots = {slot.param: (i, slot) for i, bucket in enumerate(buckets)
@@ -133,7 +137,10 @@ class GradientSync:
         """Wait for one bucket's reduce-scatter, free its buffers, average over ranks."""
         wait(bucket.work, self.timeout, f"reduce-scatter of gradient bucket {position}")
         bucket.work, bucket.send = None, None
-        bucket.average(self.world_size)  # mean over ranks, as DDP
+        if self.replicate_group is not None:
+            wait(all_reduce_flat(bucket.received, self.replicate_group), self.timeout,
+                 f"all-reduce of gradient bucket {position} across replicas")
+        bucket.average(self.world_size * self.replicas)  # mean over all ranks, as DDP
 
     def _backward_ended(self) -> None:
         self._callback_queued = False

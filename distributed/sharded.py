@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.optim.optimizer import Optimizer
 
 from neurooptima import NeuroOptima, reduced_state
@@ -44,6 +45,7 @@ from .buffers import BufferBroadcast
 from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
 from .flat_shards import Bucket, ShardSlot, build_buckets
 from .grad_sync import BUCKETS_IN_FLIGHT, GradientSync
+from .topology import resolve_topology
 
 __all__ = ["ShardedNeuroOptima", "SAM_MODES", "MASTER"]
 
@@ -94,6 +96,9 @@ class ShardedNeuroOptima(Optimizer):
     Args:
         params: parameters or param groups (the same on every rank).
         process_group: the data-parallel group (default: the whole world).
+        device_mesh: instead of ``process_group``, a ``DeviceMesh``: 1-D (shard), or 2-D
+            ``(replicate, shard)`` for hybrid sharding (state sharded within the shard group,
+            replicated across the replicate group; see ``topology``).
         sam_mode: ``"global"`` (exact SAM on the global batch) or ``"local"`` (per-replica
             perturbation from each rank's own gradient, no communication in the first pass).
         bucket_cap_mb: size of a gradient bucket (full, padded buffer) in MiB, > 0.
@@ -124,7 +129,8 @@ class ShardedNeuroOptima(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
-                 process_group: dist.ProcessGroup | None = None, sam_mode: str = "global",
+                 process_group: dist.ProcessGroup | None = None,
+                 device_mesh: DeviceMesh | None = None, sam_mode: str = "global",
                  bucket_cap_mb: float = 25, timeout: float | datetime.timedelta | None = None,
                  master_weights: bool = True, reduce_dtype: torch.dtype | None = None,
                  module: nn.Module | None = None, broadcast_buffers: bool = True,
@@ -146,11 +152,11 @@ class ShardedNeuroOptima(Optimizer):
         if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float))
                 or not bucket_cap_mb > 0):
             raise ValueError(f"bucket_cap_mb must be a number > 0, got {bucket_cap_mb!r}")
-        self.process_group = process_group
-        self.rank = dist.get_rank(process_group)
-        if self.rank < 0:
-            raise ValueError("process_group must contain this rank")
-        self.world_size = dist.get_world_size(process_group)
+        self.topology = resolve_topology(process_group, device_mesh)
+        # The shard group: reduce-scatter, norms and all-gather run in it.
+        self.process_group = process_group = self.topology.shard_group
+        self.rank = self.topology.shard_rank
+        self.world_size = self.topology.shard_size
         self.sam_mode = sam_mode
         self.bucket_cap_mb = bucket_cap_mb
         if not isinstance(master_weights, bool):
@@ -198,8 +204,10 @@ class ShardedNeuroOptima(Optimizer):
         self._inner = _ShardOptimizer(inner_groups, group=process_group, timeout=self.timeout,
                                       **defaults)
         self._sync = GradientSync(self._buckets, process_group, self.world_size, self.timeout,
-                                  suspended=lambda: self._no_sync or self._holds_first_pass())
-        self._buffers = (BufferBroadcast(module, process_group, self.timeout)
+                                  suspended=lambda: self._no_sync or self._holds_first_pass(),
+                                  replicate_group=self.topology.replicate_group,
+                                  replicas=self.topology.replicas)
+        self._buffers = (BufferBroadcast(module, self.topology.groups, self.timeout)
                          if module is not None and broadcast_buffers else None)
 
     # ---------------------------------------------------------------- construction
@@ -223,8 +231,17 @@ class ShardedNeuroOptima(Optimizer):
                                              for p in group["params"]]}
                        for group in self.param_groups],
         }
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.process_group)
+        diffs = []
+        for group in self.topology.groups:
+            everyone: list[Any] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(everyone, mine, group=group)
+            diffs += self._differences(everyone)
+        if diffs:
+            raise ValueError("ShardedNeuroOptima needs the same hyperparameters and parameters "
+                             "on every rank; they differ: " + "; ".join(dict.fromkeys(diffs)))
+
+    @staticmethod
+    def _differences(everyone: list[Any]) -> list[str]:
         first = everyone[0]
         diffs = []
         for rank, theirs in enumerate(everyone[1:], start=1):
@@ -241,15 +258,15 @@ class ShardedNeuroOptima(Optimizer):
                     if a[key] != b[key]:
                         diffs.append(f"param group {i} {key}: rank 0 has {a[key]!r}, "
                                      f"rank {rank} has {b[key]!r}")
-        if diffs:
-            raise ValueError("ShardedNeuroOptima needs the same hyperparameters and parameters "
-                             "on every rank; they differ: " + "; ".join(diffs))
+        return diffs
 
     @torch.no_grad()
     def _broadcast_initial_weights(self) -> None:
         for i, bucket in enumerate(self._buckets):
-            full = broadcast_(bucket.pack_params(), self.process_group, self.timeout,
-                              f"broadcast of the initial weights (bucket {i})")
+            full = bucket.pack_params()
+            for group in self.topology.groups:
+                broadcast_(full, group, self.timeout,
+                           f"broadcast of the initial weights (bucket {i})")
             bucket.write_params(full)
 
     def remove_hooks(self) -> None:
