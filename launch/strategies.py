@@ -37,6 +37,16 @@ STRATEGIES = ("single", "ddp", "zero", "fsdp2", "fsdp1", "deepspeed")
 ZERO_MODEL_FILE = "model.pt"
 
 
+def device_mesh(strategy: Strategy):
+    """``--mesh R,S``: a (replicate, shard) mesh for hybrid sharding; else a 1-D mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = getattr(strategy.args, "mesh", None) or (1, strategy.world_size)
+    if shape[0] == 1:
+        return init_device_mesh(strategy.device.type, (shape[1],))
+    return init_device_mesh(strategy.device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
 class DDPStrategy(Strategy):
     """DistributedDataParallel: gradients are averaged over ranks in each backward, so SAM's
     norm and perturbation are those of the global batch."""
@@ -80,6 +90,7 @@ class ZeroStrategy(Strategy):
 
         # The module too: its buffers (BatchNorm statistics) are broadcast as DDP does.
         return ShardedNeuroOptima(self.module.parameters(), module=self.module,
+                                  device_mesh=device_mesh(self),
                                   sam_mode=self.args.sam_mode or "global",
                                   bucket_cap_mb=self.args.bucket_cap_mb,
                                   timeout=getattr(self.args, "collective_timeout", None),
@@ -117,10 +128,9 @@ class FSDP2Strategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         _require_module(self.name, "neurooptima.dtensor", "NeuroOptima's DTensor support")
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = device_mesh(self)  # 2-D: HSDP, replicated across R, sharded within S
         for child in model.children():
             if any(p.requires_grad for p in child.parameters()):
                 fully_shard(child, mesh=mesh)

@@ -64,6 +64,16 @@ def positive_float(value: str) -> float:
     return number
 
 
+def mesh_shape(value: str) -> tuple[int, int]:
+    try:
+        replicas, shards = (int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected R,S (two integers), got {value!r}") from None
+    if replicas < 1 or shards < 1:
+        raise argparse.ArgumentTypeError(f"expected R,S >= 1, got {value!r}")
+    return replicas, shards
+
+
 def non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -116,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sam-mode", choices=("global", "local"), default=None,
                    help="zero/fsdp/deepspeed: SAM perturbation from the global batch "
                         "(default: global) or per replica")
+    d.add_argument("--mesh", type=mesh_shape, default=None, metavar="R,S",
+                   help="zero and fsdp2: hybrid sharding over R replicas x S shards (R * S "
+                        "ranks; state sharded within each group of S, replicated across R); "
+                        "default: 1,<ranks>")
     d.add_argument("--collective-timeout", type=positive_float, default=300, metavar="SECONDS",
                    help="how long a collective waits for its peers before this rank raises "
                         "(default: 300)")
@@ -153,6 +167,14 @@ def init_distributed(args: argparse.Namespace) -> None:
     backend = "nccl" if _use_cuda(args) else "gloo"
     # A rank stuck in a collective makes its peers raise after this long, not gloo's 30 min.
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=args.collective_timeout))
+    if args.mesh is not None:
+        if args.strategy not in ("zero", "fsdp2"):
+            raise SystemExit(f"error: --mesh applies to --strategy zero and fsdp2, not "
+                             f"{args.strategy}")
+        if args.mesh[0] * args.mesh[1] != dist.get_world_size():
+            raise SystemExit(f"error: --mesh {args.mesh[0]},{args.mesh[1]} needs "
+                             f"{args.mesh[0] * args.mesh[1]} ranks, {dist.get_world_size()} "
+                             f"were started")
 
 
 def _free_port() -> int:

@@ -55,6 +55,27 @@ def test_strategy_trains_one_epoch_like_one_process(strategy, single_process, tm
     assert final_accuracy(text) == pytest.approx(metrics["test_accuracy"], abs=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["zero", "fsdp2"])
+def test_hybrid_mesh_trains_like_one_process(strategy, single_process, tmp_path):
+    """--mesh 2,2: four ranks, state sharded over 2 and replicated over 2 (per rank 8
+    examples, the same global batch of 32)."""
+    result = run_train([*SHORT, "--batch-size", "8", "--strategy", strategy, "--mesh", "2,2",
+                        "--out", str(tmp_path)], nproc=4, timeout=240)
+    text = output(result)
+    assert result.returncode == 0, text[-4000:]
+    (metrics,) = read_metrics(tmp_path)
+    (expected,) = single_process
+    assert metrics["steps"] == expected["steps"] == 4
+    for key in ("train_loss", "test_loss"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+def test_mesh_is_refused_where_it_does_not_apply(tmp_path):
+    result = run_train([*SHORT, "--strategy", "ddp", "--mesh", "1,2"], nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert "--mesh applies to --strategy zero and fsdp2" in output(result)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "lion", "adan"])
 def test_baselines_train(optimizer, tmp_path, capsys):
     args = ["--epochs", "2", "--subset", "256", "--batch-size", "32", "--no-progress",
