@@ -77,7 +77,10 @@ def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype, slow
     old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
     g = grad * scalars[n + 1]
     if F.RULE_BUFFERS[rule][-1] == "prev_grad":  # Adan's difference is 0 at k = 1
-        buffers[-1].copy_(torch.where(scalars[n + 4] != 0, g, buffers[-1]))
+        # In the buffer's dtype: the upcast that follows sees the stored (rounded) value, as
+        # the eager path's initial copy gives it.
+        prev = buffers[-1]
+        prev.copy_(torch.where(scalars[n + 4] != 0, g.to(prev.dtype), prev))
     run_elementwise(rule, param, g, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
     for t, before in zip(written, old):
         t.copy_(torch.where(finite, t, before))  # a skipped step stores what it loaded
@@ -147,7 +150,10 @@ def _compile_once(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled for any tensor size (dynamic shapes), compiled on first use only."""
     compiled = _COMPILED.get(fn)
     if compiled is None:
-        compiled = _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        # emulate_precision_casts: a value stored in a narrow buffer and read back in the same
+        # kernel is the rounded one, as in eager (else inductor forwards the unrounded value).
+        compiled = _COMPILED[fn] = torch.compile(
+            fn, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
     return compiled
 
 
