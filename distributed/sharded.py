@@ -44,8 +44,9 @@ from neurooptima.validation import check_group, prepare_group
 from .buffers import BufferBroadcast
 from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
 from .flat_shards import Bucket, ShardSlot, build_buckets
-from .grad_sync import BUCKETS_IN_FLIGHT, GradientSync
+from .grad_sync import GradientSync
 from .topology import resolve_topology
+from .weight_gather import WeightGather
 
 __all__ = ["ShardedNeuroOptima", "SAM_MODES", "MASTER"]
 
@@ -112,6 +113,9 @@ class ShardedNeuroOptima(Optimizer):
         module: the model; with ``broadcast_buffers`` its buffers (BatchNorm statistics) are
             broadcast from the group's first rank before every training forward, as DDP does.
         broadcast_buffers: switch for the above (needs ``module``).
+        overlap_param_gather: return from ``step()`` with the weights' all-gather in flight;
+            each submodule's forward waits for its own weights (needs ``module``; see
+            ``weight_gather``).
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
         no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype:
             as ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
@@ -134,6 +138,7 @@ class ShardedNeuroOptima(Optimizer):
                  bucket_cap_mb: float = 25, timeout: float | datetime.timedelta | None = None,
                  master_weights: bool = True, reduce_dtype: torch.dtype | None = None,
                  module: nn.Module | None = None, broadcast_buffers: bool = True,
+                 overlap_param_gather: bool = False,
                  lr: float = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int | None = 5, lookahead_alpha: float = 0.5,
                  betas: tuple[float, ...] | None = None, eps: float = 1e-8,
@@ -207,6 +212,8 @@ class ShardedNeuroOptima(Optimizer):
                                   suspended=lambda: self._no_sync or self._holds_first_pass(),
                                   replicate_group=self.topology.replicate_group,
                                   replicas=self.topology.replicas)
+        self._weights = WeightGather(self._buckets, process_group, self.timeout, module,
+                                     prefetch=overlap_param_gather)
         self._buffers = (BufferBroadcast(module, self.topology.groups, self.timeout)
                          if module is not None and broadcast_buffers else None)
 
@@ -270,8 +277,9 @@ class ShardedNeuroOptima(Optimizer):
             bucket.write_params(full)
 
     def remove_hooks(self) -> None:
-        """Detach the gradient and buffer hooks (the optimizer stops synchronizing)."""
+        """Detach the gradient, buffer and weight hooks (the optimizer stops synchronizing)."""
         self._sync.remove_hooks()
+        self._weights.remove()
         if self._buffers is not None:
             self._buffers.remove()
 
@@ -403,26 +411,17 @@ class ShardedNeuroOptima(Optimizer):
         # scaler's business (it backs off), not a non-finite skip of the optimizer's.
         return bool(found_inf.sum() > 0)
 
-    @torch.no_grad()
     def _gather_weights(self) -> None:
-        # At most BUCKETS_IN_FLIGHT full-size receive buffers exist at once.
-        pending: list[tuple[int, Bucket, Tensor, Any]] = []
+        self._weights.gather()
 
-        def finish(i: int, bucket: Bucket, out: Tensor, work: Any) -> None:
-            wait(work, self.timeout, f"all-gather of weight bucket {i}")
-            bucket.write_params(out)
-
-        for i, bucket in enumerate(self._buckets):
-            if len(pending) >= BUCKETS_IN_FLIGHT:
-                finish(*pending.pop(0))
-            out = torch.empty(bucket.full_numel(), dtype=bucket.dtype, device=bucket.device)
-            pending.append((i, bucket, out, all_gather_flat(out, bucket.owned_for_gather(),
-                                                            self.process_group)))
-        for item in pending:
-            finish(*item)
+    def wait_for_weights(self) -> None:
+        """With ``overlap_param_gather``: wait until every updated weight is in the module
+        (the forward and ``module.state_dict()`` do this by themselves)."""
+        self._weights.flush()
 
     def _pull_chunks(self) -> None:
         # The module's weights are the truth between steps (a user may load or edit them).
+        self._weights.flush()
         for bucket in self._buckets:
             bucket.pull_owned()
 
@@ -576,6 +575,7 @@ class ShardedNeuroOptima(Optimizer):
         """
         if self._sam_phase is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
+        self._weights.flush()
         # Refuse a checkpoint of another model or rule whole, before anything is loaded.
         check_state_dict([group["params"] for group in self.param_groups], state_dict,
                          [group["update"] for group in self.param_groups])

@@ -421,3 +421,40 @@ def test_full_state_dict_of_another_rule_is_refused(world):
     saved["param_groups"][0]["update"] = "lion"  # buffers of adan, settings of lion
     _all_ranks_raise(lambda: optimizer.load_state_dict(saved), ValueError,
                      r"saved with update=.lion.*update=.adan.")
+
+
+# ---------------------------------------------------------------- prefetched weight all-gather
+
+
+@pytest.mark.parametrize("sam_rho", [0.0, 0.05], ids=["plain", "sam"])
+def test_prefetched_weight_gather_gives_the_same_run(world, sam_rho):
+    """overlap_param_gather=True: step() returns with the all-gathers in flight and each
+    submodule's forward waits for its own weights; the run is bitwise the plain one."""
+    rank, n = world
+    hyper = _plain()
+    hyper["sam_rho"] = sam_rho
+    runs = []
+    for overlap in (False, True):
+        model = NormNet()
+        optimizer = ShardedNeuroOptima(model.parameters(), module=model, bucket_cap_mb=0.001,
+                                       overlap_param_gather=overlap, **hyper)
+        for step in range(STEPS):
+            x, y = local_batch(step, rank, n)
+
+            def closure():
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure)
+            if overlap and step == 0:
+                assert optimizer._weights._pending  # still in flight after step()
+        state = model.state_dict()  # waits for the last gathers
+        runs.append(state)
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_prefetched_weight_gather_needs_the_module(world):
+    model = make_model(1)
+    with pytest.raises(ValueError, match="overlap_param_gather=True needs module"):
+        ShardedNeuroOptima(model.parameters(), overlap_param_gather=True, **_plain())
