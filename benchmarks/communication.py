@@ -1,6 +1,6 @@
 """Communication per optimizer step and rank, for each strategy and SAM mode, against formulas.
 
-    python benchmarks/communication.py            # 2 and 3 ranks, ~1.3 M parameters
+    python benchmarks/communication.py            # 2, 3 and 4 ranks, ~1.3 M parameters
     python benchmarks/communication.py --quick    # smaller model, 2 ranks
 
 Ranks are started with ``torch.multiprocessing`` (gloo on CPU, one thread each). Every
@@ -16,8 +16,12 @@ DDP's all-reduce is counted through a comm hook that reports each bucket before 
 | zero     | off      | reduce-scatter + all-gather       | 2 S (N-1)/N                |
 | zero     | global   | both passes, plus the 16-byte norm| 4 S (N-1)/N                |
 | zero     | local    | second pass only                  | 2 S (N-1)/N                |
+| zero 2xM | off      | reduce-scatter + all-gather in the shard group (M ranks), all-reduce of the chunk across the 2 replicas | 2 S (M-1)/M + 2 (S/M) (2-1)/2 |
+| zero 2xM | global   | the above in both passes          | twice the above            |
+| zero 2xM | local    | second pass only                  | as SAM off                 |
 
-``zero`` is ``ShardedNeuroOptima`` (ZeRO-1/2 style sharded state). The formulas count model-sized
+``zero`` is ``ShardedNeuroOptima`` (ZeRO-1/2 style sharded state); ``zero 2xM`` the same on a
+hybrid ``(replicate, shard)`` mesh of 2 x M ranks (run for even world sizes >= 4). The formulas count model-sized
 traffic only; the measured figures also hold the 16-byte norm all-reduces and, for ``zero`` on an
 odd number of ranks, the padding that makes each parameter split into N equal chunks.
 
@@ -51,6 +55,7 @@ from neurooptima.distributed.comm_accounting import record
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "communication.json"
 STRATEGIES = ("ddp", "zero")
+HYBRID = "zero 2xM"
 SAM_MODES = ("off", "global", "local")
 # Model-sized passes per step: a synchronized gradient evaluation moves 2 S (N-1)/N.
 PASSES = {"off": 2, "global": 4, "local": 2}
@@ -97,6 +102,16 @@ def _step(strategy: str, sam_mode: str, model: nn.Module, opt, x, y) -> None:
     opt.step(closure)
 
 
+def _formula(strategy: str, sam_mode: str, model_bytes: int, world: int) -> float:
+    if strategy != HYBRID:
+        return PASSES[sam_mode] * model_bytes * (world - 1) / world
+    shard, replicas = world // 2, 2
+    reductions = PASSES[sam_mode] // 2  # gradient reductions (and weight gathers) per step
+    per = (2 * model_bytes * (shard - 1) / shard
+           + 2 * (model_bytes / shard) * (replicas - 1) / replicas)
+    return reductions * per
+
+
 def _build(strategy: str, sam_mode: str, width: int):
     hyper = dict(lr=1e-3, weight_decay=0.01, sam_rho=0.0 if sam_mode == "off" else 0.05,
                  lookahead_k=5)
@@ -106,6 +121,14 @@ def _build(strategy: str, sam_mode: str, width: int):
         wrapped.register_comm_hook(None, _counting_allreduce_hook)
         return wrapped, NeuroOptima(wrapped.parameters(), **hyper)
     mode = "global" if sam_mode == "off" else sam_mode
+    if strategy == HYBRID:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        world = dist.get_world_size()
+        mesh = DeviceMesh("cpu", torch.arange(world).view(2, world // 2),
+                          mesh_dim_names=("replicate", "shard"))
+        return model, ShardedNeuroOptima(model.parameters(), sam_mode=mode, device_mesh=mesh,
+                                         **hyper)
     return model, ShardedNeuroOptima(model.parameters(), sam_mode=mode, **hyper)
 
 
@@ -117,7 +140,8 @@ def _rank_main(rank: int, world: int, init_file: str, width: int, steps: int,
     try:
         records = []
         model_bytes = sum(p.numel() * p.element_size() for p in make_model(width).parameters())
-        for strategy in STRATEGIES:
+        hybrid = (HYBRID,) if world >= 4 and world % 2 == 0 else ()
+        for strategy in STRATEGIES + hybrid:
             for sam_mode in SAM_MODES:
                 model, opt = _build(strategy, sam_mode, width)
                 x, y = _batch(1000 + rank)
@@ -130,7 +154,7 @@ def _rank_main(rank: int, world: int, init_file: str, width: int, steps: int,
                     opt.remove_hooks()
                 by_kind = {k: v / steps for k, v in counter.bytes.items()}
                 measured = sum(by_kind.values())
-                formula = PASSES[sam_mode] * model_bytes * (world - 1) / world
+                formula = _formula(strategy, sam_mode, model_bytes, world)
                 records.append(dict(
                     world_size=world, strategy=strategy, sam_mode=sam_mode,
                     bytes_by_collective=by_kind,
@@ -162,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="counted steps per configuration")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    worlds = args.world_sizes or ([2] if args.quick else [2, 3])
+    worlds = args.world_sizes or ([2] if args.quick else [2, 3, 4])
     width = args.width or (128 if args.quick else 1024)
     if any(w < 2 for w in worlds):
         parser.error(f"--world-sizes must be >= 2, got {worlds}")

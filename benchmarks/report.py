@@ -375,7 +375,9 @@ def communication_section(comm: dict) -> str:
            f"parameters, gloo on CPU; bytes counted per collective with the ring convention "
            f"of `neurooptima.distributed.comm_accounting` (all-reduce 2 S (N-1)/N, "
            f"reduce-scatter and all-gather S (N-1)/N) and compared with the formula "
-           f"`passes x model bytes x (N-1)/N`.", ""]
+           f"`passes x model bytes x (N-1)/N`; for `zero 2xM` (hybrid sharding on a 2 x M "
+           f"mesh) reduce-scatter and all-gather run within the M-rank shard group and the "
+           f"reduced chunk (S / M) is all-reduced across the 2 replicas.", ""]
     rows = [[r["strategy"], r["sam_mode"], str(r["world_size"]),
              ", ".join(f"{k} {num(v)}" for k, v in sorted(r["bytes_by_collective"].items())),
              num(r["bytes_per_step"]), num(r["bytes_formula"]), f"{r['ratio_to_formula']:.4f}",

@@ -180,3 +180,23 @@ def test_checkpoints_keep_the_master_weights_and_resume_exactly(world, tmp_path_
     same = same and all(torch.equal(optimizer.chunk_of(a), fresh.chunk_of(b))
                         for a, b in zip(model.parameters(), resumed.parameters()))
     assert agree_max(0.0 if same else 1.0) == 0.0
+
+
+def test_bytes_per_parameter_per_rank_with_master_weights(world):
+    """bf16 parameters, Adan + Lookahead, float32 masters: each rank keeps, per parameter,
+    (4 master + 16 Adan + 4 slow) / N bytes of optimizer memory (plus padding), beside the
+    2-byte bfloat16 weights and gradients every rank holds."""
+    import math
+
+    rank, n = world
+    model = _bf16_model(9)
+    optimizer = ShardedNeuroOptima(model.parameters(), **HYPER)
+    _train_range(model, optimizer, range(2), rank, n)
+    masters = sum(b.owned.numel() * b.owned.element_size() for b in optimizer._buckets)
+    state = sum(t.numel() * t.element_size()
+                for entry in optimizer.local_optimizer.state.values()
+                for key, t in entry.items() if key != "step")
+    padded = sum(math.ceil(p.numel() / n) for p in model.parameters())  # elements per rank
+    assert masters == 4 * padded
+    assert state == (16 + 4) * padded
+    assert all(p.element_size() == 2 for p in model.parameters())
