@@ -119,3 +119,16 @@ def test_a_run_directory_is_not_overwritten(tmp_path):
         train.main(args)
     with pytest.raises(SystemExit, match="other settings.*seed"):
         train.main([*args, "--resume", "--seed", "5"])
+
+
+def test_collective_timeout_is_finite_and_configurable(capsys):
+    parser = train.build_parser()
+    assert parser.parse_args([]).collective_timeout == 300  # not gloo's 30 minutes
+    assert parser.parse_args(["--collective-timeout", "20"]).collective_timeout == 20
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--collective-timeout", bad])
+    assert "expected a number > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mesh", "2x2"])
+    assert "expected R,S" in capsys.readouterr().err
