@@ -226,11 +226,14 @@ class Bucket:
 
 def build_buckets(params: list[Tensor], *, world_size: int, rank: int,
                   bucket_cap_bytes: int, master_dtype: torch.dtype | None = None,
-                  reduce_dtype: torch.dtype | None = None) -> list[Bucket]:
+                  reduce_dtype: torch.dtype | None = None,
+                  order: list[int] | None = None) -> list[Bucket]:
     """Group parameters into buckets of at most ``bucket_cap_bytes`` (full, padded buffer).
 
-    Parameters are taken in reverse order, as DDP does: backward produces the last layers'
-    gradients first, so the first buckets fill (and start their reduce-scatter) early.
+    Parameters are taken in ``order`` (indices into ``params``), by default the reverse order,
+    as DDP does at first: backward produces the last layers' gradients first, so the first
+    buckets fill (and start their reduce-scatter) early. After the first backward the
+    optimizer rebuilds its buckets in the order the gradients actually became ready.
     """
     buckets: list[Bucket] = []
     open_: dict[tuple, list[ShardSlot]] = {}
@@ -244,7 +247,7 @@ def build_buckets(params: list[Tensor], *, world_size: int, rank: int,
             buckets.append(Bucket(slots, sizes.pop(key), world_size, rank, dtype, key[1],
                                   master_dtype if low else None, reduce_dtype))
 
-    for index in reversed(range(len(params))):
+    for index in (reversed(range(len(params))) if order is None else order):
         p = params[index]
         key = (p.dtype, p.device)
         n = p.numel()

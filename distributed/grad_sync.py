@@ -67,6 +67,8 @@ class GradientSync:
         self._next = 0  # the first bucket not launched yet: launches go in index order
         self._callback_queued = False
         self.reduced = False  # this step's gradients are in the chunks
+        self.ready_order: list[int] = []  # slot indices in the order the hooks fired
+        self.record_order = True
         self._sent: list[Bucket] = []  # buckets sent this step
         self._in_flight: list[tuple[int, Bucket]] = []  # sent and not yet completed
         self._packed: dict[int, tuple[weakref.ref | None, int]] = {}  # slot index -> grad, version
@@ -106,6 +108,8 @@ class GradientSync:
         if not self._callback_queued:
             Variable._execution_engine.queue_callback(self._backward_ended)
             self._callback_queued = True
+        if self.record_order:
+            self.ready_order.append(slot.index)
         self.buckets[position].ready.add(slot.index)
         self._launch_ready()
 

@@ -189,17 +189,9 @@ class ShardedNeuroOptima(Optimizer):
         self._check_same_on_all_ranks()
         self._constructed = True
 
-        params_ = [p for group in self.param_groups for p in group["params"]]
-        self._buckets = build_buckets(params_, world_size=self.world_size, rank=self.rank,
-                                      bucket_cap_bytes=int(bucket_cap_mb * 2**20),
-                                      master_dtype=torch.float32 if master_weights else None,
-                                      reduce_dtype=reduce_dtype)
-        self._slots: dict[Tensor, tuple[Bucket, ShardSlot]] = {}
-        self._chunks: dict[Tensor, Tensor] = {}  # module parameter -> its chunk (inner param)
-        for bucket in self._buckets:
-            for slot in bucket.slots:
-                self._slots[slot.param] = (bucket, slot)
-                self._chunks[slot.param] = bucket.chunk_view(bucket.owned, slot)
+        self._module, self._overlap_param_gather = module, overlap_param_gather
+        self._rebuilt = False  # buckets laid out in the measured order of the gradients
+        self._lay_out(order=None)
         self._broadcast_initial_weights()
         for bucket in self._buckets:
             bucket.pull_owned()
@@ -208,14 +200,71 @@ class ShardedNeuroOptima(Optimizer):
                         for group in self.param_groups]
         self._inner = _ShardOptimizer(inner_groups, group=process_group, timeout=self.timeout,
                                       **defaults)
-        self._sync = GradientSync(self._buckets, process_group, self.world_size, self.timeout,
+        self._buffers = (BufferBroadcast(module, self.topology.groups, self.timeout)
+                         if module is not None and broadcast_buffers else None)
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _lay_out(self, order: list[int] | None) -> None:
+        """Buckets in ``order`` (parameter indices; None: reverse), the chunks, the gradient
+        sync and the weight gather over them."""
+        self._buckets = build_buckets(
+            self._params(), world_size=self.world_size, rank=self.rank,
+            bucket_cap_bytes=int(self.bucket_cap_mb * 2**20),
+            master_dtype=torch.float32 if self.master_weights else None,
+            reduce_dtype=self.reduce_dtype, order=order)
+        self._slots: dict[Tensor, tuple[Bucket, ShardSlot]] = {}
+        self._chunks: dict[Tensor, Tensor] = {}  # module parameter -> its chunk (inner param)
+        for bucket in self._buckets:
+            for slot in bucket.slots:
+                self._slots[slot.param] = (bucket, slot)
+                self._chunks[slot.param] = bucket.chunk_view(bucket.owned, slot)
+        self._sync = GradientSync(self._buckets, self.process_group, self.world_size,
+                                  self.timeout,
                                   suspended=lambda: self._no_sync or self._holds_first_pass(),
                                   replicate_group=self.topology.replicate_group,
                                   replicas=self.topology.replicas)
-        self._weights = WeightGather(self._buckets, process_group, self.timeout, module,
-                                     prefetch=overlap_param_gather)
-        self._buffers = (BufferBroadcast(module, self.topology.groups, self.timeout)
-                         if module is not None and broadcast_buffers else None)
+        self._weights = WeightGather(self._buckets, self.process_group, self.timeout,
+                                     self._module, prefetch=self._overlap_param_gather)
+
+    @torch.no_grad()
+    def _rebuild_buckets(self) -> None:
+        """Once, after the first step: lay the buckets out in the order backward produced the
+        gradients (rank 0's order, so all ranks agree), as DDP rebuilds its buckets, so each
+        bucket's reduce-scatter starts as soon as its gradients exist."""
+        self._rebuilt = True
+        seen = list(dict.fromkeys(self._sync.ready_order))
+        order = seen + [i for i in reversed(range(len(self._params()))) if i not in set(seen)]
+        for group in self.topology.groups:
+            box = [order]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(
+                group if group is not None else dist.group.WORLD, 0), group=group)
+            order = box[0]
+        def layout(buckets: list[Bucket]) -> list[list[int]]:
+            return [[slot.index for slot in b.slots] for b in buckets]
+
+        planned = build_buckets(self._params(), world_size=self.world_size, rank=self.rank,
+                                bucket_cap_bytes=int(self.bucket_cap_mb * 2**20), order=order)
+        if layout(planned) == layout(self._buckets):
+            self._sync.record_order = False
+            return
+        old_chunks, old_sync, old_weights = self._chunks, self._sync, self._weights
+        old_weights.remove()  # waits for prefetched weights
+        old_sync.remove_hooks()
+        self._lay_out(order)
+        moved = {}
+        for p, chunk in self._chunks.items():
+            old = old_chunks[p]
+            chunk.copy_(old)  # weights or float32 masters
+            moved[old] = chunk
+        for group in self._inner.param_groups:
+            group["params"] = [moved[c] for c in group["params"]]
+        self._inner.state = type(self._inner.state)(
+            self._inner.state.default_factory,
+            {moved.get(k, k): v for k, v in self._inner.state.items()})
+        getattr(self._inner, "_fused_layouts", {}).clear()
+        self._sync.record_order = False
 
     # ---------------------------------------------------------------- construction
 
@@ -517,6 +566,8 @@ class ShardedNeuroOptima(Optimizer):
         self._sam_phase = None
         self._gather_weights()
         self._sync_groups_from_inner()
+        if not self._rebuilt:
+            self._rebuild_buckets()
 
     # ---------------------------------------------------------------- full state dict
 

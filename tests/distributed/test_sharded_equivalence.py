@@ -225,10 +225,10 @@ def test_fused_chunks_match_single_process(world, update):
     model = make_model()
     optimizer = ShardedNeuroOptima(model.parameters(), bucket_cap_mb=SMALL_BUCKETS, fused=True,
                                    **hyper)
-    owned = [bucket.owned for bucket in optimizer._buckets]
     train_sharded(model, optimizer, range(STEPS), rank, n)
-    # The chunks the optimizer updates are still views of the buffers the all-gather sends.
-    owned_ptrs = {o.untyped_storage().data_ptr() for o in owned}
+    # The chunks the optimizer updates are still views of the buffers the all-gather sends
+    # (the buckets' own, as rebuilt after the first step in the gradients' order).
+    owned_ptrs = {b.owned.untyped_storage().data_ptr() for b in optimizer._buckets}
     in_place = all(optimizer.chunk_of(p).untyped_storage().data_ptr() in owned_ptrs
                    for p in model.parameters())
     reference = make_model()
