@@ -17,6 +17,10 @@ owners, so an edit of ``p.grad`` (``torch.nn.utils.clip_grad_norm_``, a manual r
 silently lost. Each packed gradient's identity and version counter are recorded, and ``reduce``
 raises when one changed. Clipping and loss-scale unscaling go through the optimizer instead.
 ``requires_grad`` may change between steps: hooks are added for parameters that start to train.
+
+Host reads: one per gradient reduction, of the use counts (a few bytes): the inner update's
+parameter list depends on which parameters some rank produced a gradient for. Everything else
+of the step (the finite check, clipping, the SAM norm, the update) stays on the device.
 """
 
 from __future__ import annotations
