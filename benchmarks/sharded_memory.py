@@ -32,17 +32,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memory import _rss_kib  # noqa: E402  (benchmarks/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CANDIDATES = ("ddp", "sharded")
 STATE_BYTES_PER_PARAM = 20  # Adan's four buffers + Lookahead's slow weights, float32
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ------------------------------------------------------------------ one torchrun job
@@ -59,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    start = _kib("VmRSS")
+    start = _rss_kib("VmRSS")
     torch.manual_seed(0)
     width = args.width
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(args.layers)])
@@ -87,7 +81,7 @@ def worker(args: argparse.Namespace) -> None:
         f.write("5")  # reset the peak-RSS mark
     for _ in range(3):
         step()
-    peak = (_kib("VmHWM") - start) * 1024
+    peak = (_rss_kib("VmHWM") - start) * 1024
     everyone = [None] * world
     dist.all_gather_object(everyone, {"rank": rank, "peak_bytes": peak})
     if rank == 0:

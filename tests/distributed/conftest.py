@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -58,6 +60,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "four_ranks" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def shared_dir():
+    """A temporary folder whose path every rank knows (rank 0 creates and removes it)."""
+    holder = [tempfile.mkdtemp(prefix="neurooptima-ckpt-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    yield holder[0]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(holder[0], ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ uninterrupted single-process trajectory on the same global batches.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -34,17 +32,6 @@ def first_ranks(size: int) -> dist.ProcessGroup:
     if size not in _groups:
         _groups[size] = dist.new_group(list(range(size)))
     return _groups[size]
-
-
-@pytest.fixture
-def shared_dir():
-    """A temporary folder whose path every rank knows (rank 0 creates and removes it)."""
-    holder = [tempfile.mkdtemp(prefix="sharded-ckpt-") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(holder, src=0)
-    yield holder[0]
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(holder[0], ignore_errors=True)
 
 
 def state_error(full: dict, reference: dict) -> float:

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from test_sharded_support import (agree_max, global_batch, local_batch, loss_fn,
-                                  make_model, relative_error)
+from test_sharded_support import (agree_max, closure_for, global_batch, local_batch,
+                                  loss_fn, make_model, relative_error)
 
 from neurooptima import NeuroOptima
 from neurooptima.distributed import ShardedGradScaler, ShardedNeuroOptima
@@ -230,13 +230,7 @@ def test_requires_grad_changes_after_construction_are_followed(world, sam_rho):
         for m, opt, batch in ((model, optimizer, local_batch(step, rank, n)),
                               (reference, ref_opt, global_batch(step))):
             _freeze_schedule(m, step)
-
-            def closure(m=m, opt=opt, batch=batch):
-                opt.zero_grad()
-                loss = loss_fn(m, *batch)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(closure_for(m, opt, *batch))
     assert not torch.equal(model.fc1.weight, start)  # the unfrozen layer trained
     assert agree_max(relative_error(model, reference)) <= TOL
 
@@ -340,12 +334,7 @@ def test_batchnorm_buffers_follow_ddp(world, sam_rho):
     for step in range(STEPS):
         x, y = local_batch(step, rank, n)
         for m, opt in ((model, optimizer), (ddp, ref_opt)):
-            def closure(m=m, opt=opt):
-                opt.zero_grad()
-                loss = nn.functional.mse_loss(m(x), y)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(closure_for(m, opt, x, y))
     errors = [relative_error(model, reference)]
     for b, ref in zip(model.buffers(), reference.buffers()):
         if b.is_floating_point():
@@ -439,14 +428,7 @@ def test_prefetched_weight_gather_gives_the_same_run(world, sam_rho):
         optimizer = ShardedNeuroOptima(model.parameters(), module=model, bucket_cap_mb=0.001,
                                        overlap_param_gather=overlap, **hyper)
         for step in range(STEPS):
-            x, y = local_batch(step, rank, n)
-
-            def closure():
-                optimizer.zero_grad()
-                loss = nn.functional.mse_loss(model(x), y)
-                loss.backward()
-                return loss
-            optimizer.step(closure)
+            optimizer.step(closure_for(model, optimizer, *local_batch(step, rank, n)))
             if overlap and step == 1:  # (the first step ends by laying out the buckets anew)
                 assert optimizer._weights._pending  # still in flight after step()
         state = model.state_dict()  # waits for the last gathers

@@ -7,8 +7,6 @@ Run: torchrun --standalone --nproc_per_node=4 -m pytest -q tests/distributed -m 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 import torch
@@ -90,16 +88,6 @@ def test_2x2_bytes_per_rank_follow_the_formula(world):
 
 def _sub_mesh(size: int) -> DeviceMesh:
     return DeviceMesh("cpu", list(range(size)))
-
-
-@pytest.fixture
-def shared_dir():
-    holder = [tempfile.mkdtemp(prefix="hybrid-ckpt-") if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(holder, src=0)
-    yield holder[0]
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(holder[0], ignore_errors=True)
 
 
 @pytest.mark.parametrize("direction", ["2x2_to_1x3", "1x3_to_2x2"])

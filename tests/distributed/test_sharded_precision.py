@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sharded_support import agree_max, global_batch, local_batch, loss_fn, make_model
+from test_sharded_support import (agree_max, closure_for, local_batch, loss_fn, make_model,
+                                  train_reference)
 
 from neurooptima import NeuroOptima
 from neurooptima.distributed import ShardedNeuroOptima
@@ -32,29 +33,19 @@ def _bf16_model(seed):
 def _reference(seed, hyper):
     """float32 single process from the bfloat16 model's (exactly representable) weights."""
     model = _bf16_model(seed).float()
-    optimizer = NeuroOptima(model.parameters(), **hyper)
-    for step in range(STEPS):
-        x, y = global_batch(step)
-
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn(model, x, y)
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+    train_reference(model, NeuroOptima(model.parameters(), **hyper), range(STEPS))
     return model
 
 
-def _train(model, optimizer, rank, n):
-    for step in range(STEPS):
+def _train_range(model, optimizer, steps, rank, n):
+    """bfloat16 batches: the forward and backward run in the parameters' dtype."""
+    for step in steps:
         x, y = local_batch(step, rank, n)
+        optimizer.step(closure_for(model, optimizer, x.bfloat16(), y.bfloat16()))
 
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn(model, x.bfloat16(), y.bfloat16())
-            loss.backward()
-            return loss
-        optimizer.step(closure)
+
+def _train(model, optimizer, rank, n):
+    _train_range(model, optimizer, range(STEPS), rank, n)
 
 
 def _masters(optimizer, model):
@@ -133,18 +124,6 @@ def test_user_edits_of_bf16_weights_reach_the_master(world):
     edited = model.fc1.weight.detach()[0].float()
     assert torch.allclose(edited, torch.full_like(edited, 0.5), atol=2 ** -7)
     assert torch.equal(chunk.detach()[:slot.valid].bfloat16().float(), own)
-
-
-def _train_range(model, optimizer, steps, rank, n):
-    for step in steps:
-        x, y = local_batch(step, rank, n)
-
-        def closure():
-            optimizer.zero_grad()
-            loss = loss_fn(model, x.bfloat16(), y.bfloat16())
-            loss.backward()
-            return loss
-        optimizer.step(closure)
 
 
 @pytest.mark.parametrize("how", ["full_state_dict", "sharded_checkpoint"])
