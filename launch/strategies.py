@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .checkpoint_state import (DCP_FOLDER, load_dcp, load_torch_file, save_dcp,
                                save_torch_file)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"rank": rank, "world": world, "first_loss": losses[0],
                       "last_loss": sum(losses[-5:]) / 5, "accuracy": accuracy,
                       "checksum": checksum}), flush=True)
-    del engine  # free what holds the process group's work before the group goes
+    engine = None  # free what holds the process group's work before the group goes
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()

@@ -38,7 +38,6 @@ scales the gradient inside the kernel, and Lookahead's sync is fused in as well,
 from __future__ import annotations
 
 import itertools
-import math
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Sequence
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from test_sharded_support import (agree_max, closure_for, global_batch, local_batch, make_model,
+from test_sharded_support import (agree_max, closure_for, local_batch, make_model,
                                   relative_error, train_reference)
 
 from neurooptima import NeuroOptima
