@@ -618,6 +618,9 @@ class NeuroOptima(Optimizer):
             self._apply_rule(group, params, grads, finite=finite, norm=norm if clip else None)
         self._count_skip_on_device(finite)
 
+    # Host-side bookkeeping, run eagerly under torch.compile: dynamo does not carry this
+    # method's attribute writes (the monitor created on the first step) into its reads.
+    @torch._disable_dynamo
     def _count_skip_on_device(self, finite: Tensor) -> None:
         skipped = ~finite
         for group in self.param_groups:
