@@ -479,3 +479,29 @@ def test_buckets_follow_the_order_gradients_become_ready(world):
     assert [set(after[i:i + 2]) for i in (0, 2, 4)] == [{0, 1}, {4, 5}, {2, 3}]
     assert [s for b in before for s in b] != after
     assert agree_max(relative_error(model, reference)) <= TOL
+
+
+def test_sam_with_sharded_grad_scaler_two_phase_matches_one_process(world):
+    """SAM's two passes by hand with a loss scaler (torch's scalers take no closure): the
+    perturbation does not depend on the scale, and the update sees the unscaled gradient."""
+    rank, n = world
+    hyper = dict(_plain(), sam_rho=0.05, max_grad_norm=CLIP)
+
+    def run(model, optimizer, scaler, batches):
+        for x, y in batches:
+            optimizer.zero_grad()
+            scaler.scale(loss_fn(model, x, y)).backward()
+            optimizer.first_step(zero_grad=True)
+            scaler.scale(loss_fn(model, x, y)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    model = make_model(10)
+    run(model, ShardedNeuroOptima(model.parameters(), **hyper),
+        ShardedGradScaler("cpu", init_scale=1024.0, growth_interval=2),
+        [local_batch(step, rank, n) for step in range(STEPS)])
+    reference = make_model(10)
+    run(reference, NeuroOptima(reference.parameters(), **hyper),
+        torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2),
+        [global_batch(step) for step in range(STEPS)])
+    assert agree_max(relative_error(model, reference)) <= TOL
