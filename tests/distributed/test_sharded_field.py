@@ -505,3 +505,32 @@ def test_sam_with_sharded_grad_scaler_two_phase_matches_one_process(world):
         torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2),
         [global_batch(step) for step in range(STEPS)])
     assert agree_max(relative_error(model, reference)) <= TOL
+
+
+def test_accumulation_in_no_sync_with_clipping_matches_one_process(world):
+    """Two micro-batches per step, the first inside no_sync(), then clip_grad_norm_."""
+    rank, n = world
+    model = make_model(11)
+    optimizer = ShardedNeuroOptima(model.parameters(), bucket_cap_mb=SMALL_BUCKETS, **_plain())
+    reference = make_model(11)
+    ref_opt = NeuroOptima(reference.parameters(), **_plain())
+    for step in range(STEPS):
+        x, y = local_batch(step, rank, n)
+        optimizer.zero_grad()
+        half = len(x) // 2
+        with optimizer.no_sync():
+            (loss_fn(model, x[:half], y[:half]) / 2).backward()
+        (loss_fn(model, x[half:], y[half:]) / 2).backward()
+        optimizer.clip_grad_norm_(CLIP)
+        optimizer.step()
+
+        ref_opt.zero_grad()
+        losses = []
+        for r in range(n):
+            xr, yr = local_batch(step, r, n)
+            losses += [loss_fn(reference, xr[:half], yr[:half]) / 2,
+                       loss_fn(reference, xr[half:], yr[half:]) / 2]
+        (sum(losses) / n).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
+        ref_opt.step()
+    assert agree_max(relative_error(model, reference)) <= TOL
