@@ -353,12 +353,20 @@ def _flat_runs(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
 _ONE_PASS_NUMEL = 1 << 16
 
 
-def _sum_of_squares(flat: Tensor) -> Tensor:
-    return flat.to(torch.float64).square().sum()
+def _stats_of_squares(flat: Tensor) -> Tensor:
+    """Packed ``[sum of squares, non-finite]`` of one flat run, in one compiled pass."""
+    sums = flat.to(torch.float64).square().sum()
+    finite = torch.isfinite(sums)
+    return torch.stack([torch.where(finite, sums, 0.0), (~finite).to(torch.float64)])
 
 
-def _peak(flat: Tensor) -> Tensor:
-    return flat.abs().amax()
+def _stats_of_extremes(flat: Tensor) -> Tensor:
+    """Packed ``[0, non-finite]`` of one flat run from its extremes: one eager read (nan and
+    inf reach the minimum or maximum; no sum, so no overflow of finite values)."""
+    low, high = torch.aminmax(flat)
+    bad = ~(torch.isfinite(low) & torch.isfinite(high))
+    return torch.stack([torch.zeros((), dtype=torch.float64, device=flat.device),
+                        bad.to(torch.float64)])
 
 
 def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, *,
@@ -370,25 +378,21 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     the gradients. It needs no separate finiteness test: the square of any finite float32 (or
     narrower) value is far below float64's range, so the float64 sum of squares is finite
     exactly when every entry is. float64 runs, whose squares can overflow, stay eager. With
-    ``norm=False`` a run's largest magnitude (in its own dtype, finite exactly when every
-    element is) decides. The count is of non-finite runs and tensors; only zero matters.
-    Nothing is read on the host.
+    ``norm=False`` a run's extremes (``torch.aminmax``: one eager read, no compiled call, no
+    sum that finite values could overflow) decide. The count is of non-finite runs and
+    tensors; only zero matters. Nothing is read on the host.
     """
     if device is None and tensors:
         device = tensors[0].device
     flats, rest = _flat_runs([t for t in tensors if t.dtype != torch.float64])
-    stats = local_norm_stats(rest + [t for t in tensors if t.dtype == torch.float64], device,
-                             norm=norm)
-    if flats:
-        fn = _compile_once(_sum_of_squares if norm else _peak)
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            sums = torch.stack([fn(flat).to(device=device, dtype=torch.float64)
-                                for flat in flats])
-        finite = torch.isfinite(sums)
-        added = torch.stack([torch.where(finite, sums, 0.0).sum() if norm
-                             else torch.zeros((), dtype=torch.float64, device=device),
-                             (~finite).sum().to(torch.float64)])
-        stats = stats + added
+    rest += [t for t in tensors if t.dtype == torch.float64]
+    stats = local_norm_stats(rest, device, norm=norm) if rest or not flats else None
+    fn = _compile_once(_stats_of_squares) if norm else None
+    for flat in flats:
+        # Through _call: the recompile-limit patch (costly) only for a new kind of input.
+        run = (_call(fn, (flat,), (fn, flat.dtype, flat.device)) if norm
+               else _stats_of_extremes(flat)).to(device)
+        stats = run if stats is None else stats + run
     return stats
 
 
