@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
                 else (e.stdout or "")
         endings[ending] += 1
+        if not sys.stderr.isatty():  # no bar: one line per run, so a log shows progress
+            print(f"run {i + 1}/{args.runs}: {ending}", flush=True)
         if ending != "exit 0":
             failures.append((i, ending, text[-3000:]))
     for i, ending, text in failures:
