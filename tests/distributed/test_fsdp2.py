@@ -197,6 +197,7 @@ def _sub_mesh(size: int) -> DeviceMesh:
     return DeviceMesh("cpu", list(range(size)))
 
 
+@pytest.mark.multi_rank
 def test_dcp_reshards_between_world_sizes(world):
     """Save with 2 ranks and load with 3 (and 3 -> 2); on a 2-rank run, 2 -> 1."""
     rank, size = world

@@ -291,6 +291,8 @@ def test_parameters_used_on_some_ranks_get_the_mean_with_zeros(world, buckets, s
 def test_a_rank_without_any_gradient_still_joins(world):
     """One rank runs no backward at all in a step: the others' gradients still arrive."""
     rank, n = world
+    if n < 2:
+        pytest.skip("needs a rank that runs no backward beside one that does")
     model = make_model(8)
     optimizer = ShardedNeuroOptima(model.parameters(), bucket_cap_mb=SMALL_BUCKETS, **_plain())
     reference = make_model(8)
@@ -346,6 +348,8 @@ def test_batchnorm_buffers_follow_ddp(world, sam_rho):
 
 def test_buffer_broadcast_can_be_switched_off(world):
     rank, n = world
+    if n < 2:
+        pytest.skip("needs two ranks whose statistics could differ")
     model = NormNet()
     optimizer = ShardedNeuroOptima(model.parameters(), module=model, broadcast_buffers=False,
                                    **_plain())
