@@ -18,6 +18,11 @@ from neurooptima.distributed import ShardedNeuroOptima
     (dict(bucket_cap_mb=0), "bucket_cap_mb must be a number > 0"),
     (dict(timeout=-1), "timeout must be None, a positive number"),
     (dict(lr=-1.0), "lr must be >= 0"),
+    (dict(master_weights="yes"), "master_weights must be True or False"),
+    (dict(reduce_dtype=torch.int32), "reduce_dtype must be None or a floating-point"),
+    (dict(overlap_param_gather=True), "overlap_param_gather=True needs module"),
+    (dict(process_group=dist.group.WORLD, device_mesh="mesh"),
+     "pass either process_group or device_mesh"),
 ])
 def test_bad_arguments_name_the_argument(world, kwargs, message):
     with pytest.raises(ValueError, match=message):
