@@ -318,6 +318,11 @@ def recommendation(result: dict) -> list[str]:
               f"{len(usable)} workload(s)): **{best}**, i.e. {settings[best]}; its tuned LR "
               f"(median over workloads, on the half-decade ladder): **lr={lr:g}** "
               f"(per workload: {', '.join(f'{x:g}' for x in lrs)})."]
+    total = len(result["workloads"])
+    if len(usable) < total:
+        lines += ["", f"The constructor defaults stay as they are until this comparison covers "
+                      f"every workload ({len(usable)} of {total} so far), so that a change of "
+                      f"what every user gets rests on all of them."]
     return lines
 
 
