@@ -56,7 +56,8 @@ if str(ROOT) not in sys.path:  # run as a script: make launch/ importable
 
 from launch.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
 from launch.models import build_model  # noqa: E402
-from neurooptima import NeuroOptima, frozen_batchnorm_stats  # noqa: E402
+from neurooptima import NeuroOptima  # noqa: E402
+from convergence import _train_step  # noqa: E402  (one SAM-aware training step for both)
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
 SELECTION_SEED = 1000          # learning-rate and rho search; never an evaluation seed
@@ -211,10 +212,6 @@ PRIORITY = tuple(CANDIDATES)
 
 # ------------------------------------------------------------------ one run
 
-def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
     """Accuracy and mean cross-entropy; for text over every next-character position."""
@@ -234,22 +231,6 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 def _metric(w: Workload, ev: dict) -> float | None:
     return ev["acc"] if w.metric == "accuracy" else ev["loss"]
-
-
-def _train_step(model, opt, cand: Candidate, x, y) -> float:
-    model.zero_grad(set_to_none=True)
-    loss = _loss_fn(model(x), y)
-    loss.backward()
-    if not cand.sam:
-        opt.step()
-        return float(loss.detach())
-    # SAM's two passes, the same for pytorch_optimizer's SAM and NeuroOptima.
-    opt.first_step()
-    model.zero_grad(set_to_none=True)
-    with frozen_batchnorm_stats(model):
-        _loss_fn(model(x), y).backward()
-    opt.second_step()
-    return float(loss.detach())
 
 
 def run_key(workload: str, candidate: str, lr: float, rho: float | None, seed: int) -> str:
