@@ -155,10 +155,6 @@ class Bucket:
     def chunk_view(self, buffer: Tensor, slot: ShardSlot) -> Tensor:
         return buffer[slot.offset:slot.offset + slot.chunk]
 
-    @property
-    def launched(self) -> bool:
-        return self.work is not None
-
     def full_numel(self) -> int:
         return self.world_size * self.section
 

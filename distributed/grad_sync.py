@@ -160,10 +160,6 @@ class GradientSync:
         while self._next < len(self.buckets):
             self._launch_next()
 
-    @property
-    def started(self) -> bool:
-        return self._next > 0
-
     # ------------------------------------------------------------------ step
 
     def _check_unchanged(self) -> None:

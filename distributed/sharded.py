@@ -235,7 +235,8 @@ class ShardedNeuroOptima(Optimizer):
         bucket's reduce-scatter starts as soon as its gradients exist."""
         self._rebuilt = True
         seen = list(dict.fromkeys(self._sync.ready_order))
-        order = seen + [i for i in reversed(range(len(self._params()))) if i not in set(seen)]
+        known = set(seen)
+        order = seen + [i for i in reversed(range(len(self._params()))) if i not in known]
         for group in self.topology.groups:
             box = [order]
             dist.broadcast_object_list(box, src=dist.get_global_rank(
