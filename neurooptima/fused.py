@@ -22,10 +22,11 @@ a flat tensor per step. DTensor, float64 and non-contiguous parameters are left 
 
 Compilation happens once per (rule, dtypes) with dynamic shapes, so every tensor size shares
 one kernel. The step's coefficients (``functional.rule_scalars``: bias corrections, ``1 - beta``,
-the decay factor) are computed once per step by a second, tiny compiled function
-(``_coefficients``) from the step counter and the learning rate as device tensors, and read
-from its output inside the update graph: schedules, a tensor ``lr`` and the step count are
-data, not a reason to recompile, and nothing is read on the host.
+the decay factor) are computed in the same compiled graph (``_coefficients``, which inductor
+makes a scalar prologue of the one kernel) from the step counter and the learning rate as
+device tensors, and read from its output by the elementwise loop: schedules, a tensor ``lr``
+and the step count are data, not a reason to recompile, nothing is read on the host, and a
+step costs one compiled call per flat run.
 
 The step is sync-free: the non-finite skip enters the kernel as a device-side predicate (as
 torch's fused optimizers take ``found_inf``): the kernel computes the update and stores
@@ -60,14 +61,12 @@ CLIP_EPS = 1e-6
 _RECOMPILE_LIMIT = 64
 
 
-def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype, slow):
-    # The step's coefficients (bias corrections, 1 - beta, decay), then the predicate
-    # ``finite``, the gradient scale, Lookahead's ``due`` and ``alpha`` and ``k == 1`` (the
-    # previous gradient starts as the first one, clipped like it) arrive in one float64
-    # tensor (see ``_coefficients``) and enter the kernel as 0-d tensors: a new learning rate or
-    # step count is data, not a reason to recompile (Python floats are specialised into the
-    # graph), and no power or other scalar expression is left for inductor to evaluate per
-    # element.
+def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, compute_dtype,
+               slow):
+    # One compiled graph per step and run: the coefficients (a tiny kernel of its own) and
+    # the elementwise pass over the flat buffers.
+    scalars = _coefficients(rule, counter, lr, finite, norm, hyper)
+    no_prox = hyper[3]
     fields = F.SCALAR_TYPES[rule]._fields
     n = len(fields)
     s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(n)])
@@ -90,8 +89,14 @@ def _flat_body(rule, param, grad, buffers, scalars, no_prox, compute_dtype, slow
         param.copy_(torch.where(due, pulled, param))
 
 
-def _coefficients_body(rule, counter, lr, finite, norm, hyper):
-    """Advance ``counter`` by ``finite`` and return the packed coefficients of the step."""
+def _coefficients(rule, counter, lr, finite, norm, hyper):
+    """Advance ``counter`` by ``finite`` and return the step's coefficients, packed in one
+    float64 tensor that the elementwise pass reads as 0-d values: a new learning rate or step
+    count is data, not a reason to recompile (Python floats are specialised into the graph),
+    and no power or other scalar expression is left to evaluate per element. After the rule's
+    own coefficients come the predicate ``finite``, the gradient scale (clipping), Lookahead's
+    ``due`` and ``alpha``, and ``k == 1`` (Adan's previous gradient starts as the first one,
+    clipped like it)."""
     betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
     counter.add_(finite.to(counter.dtype))
     k = counter[0].to(torch.float64)
@@ -106,22 +111,6 @@ def _coefficients_body(rule, counter, lr, finite, norm, hyper):
     values = [*s, finite.to(torch.float64), scale, due, alpha, (k == 1).to(torch.float64)]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=k.device)
                         for v in values])
-
-
-def _coefficients_adan(*args):
-    return _coefficients_body("adan", *args)
-
-
-def _coefficients_lion(*args):
-    return _coefficients_body("lion", *args)
-
-
-def _coefficients_lion_adan(*args):
-    return _coefficients_body("lion_adan", *args)
-
-
-_COEFFICIENT_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
-    "adan": _coefficients_adan, "lion": _coefficients_lion, "lion_adan": _coefficients_lion_adan}
 
 
 # One Python function per rule, so each rule has its own compile cache.
@@ -164,12 +153,15 @@ def _compiled(rule: str) -> Callable[..., None]:
 
 
 def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
-                scalars: Tensor, no_prox: bool, compute_dtype: torch.dtype | None,
-                slow: Tensor | None) -> None:
+                counter: Tensor, lr: Tensor, finite: Tensor, norm: Tensor | None, hyper: tuple,
+                compute_dtype: torch.dtype | None, slow: Tensor | None) -> None:
     fn = _compiled(rule)
-    args = (param, grad, tuple(buffers), scalars, bool(no_prox), compute_dtype, slow)
+    # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
+    args = (param, grad, tuple(buffers), counter, lr.reshape(1), finite,
+            None if norm is None else norm.reshape(1), hyper, compute_dtype, slow)
     signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), param.device,
-                 bool(no_prox), compute_dtype, None if slow is None else slow.dtype)
+                 counter.dtype, norm is None, compute_dtype,
+                 None if slow is None else slow.dtype)
     _call(fn, args, signature)
 
 
@@ -194,14 +186,13 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     (see ``rules.run_rule``). Same equations, same order of operations as the eager kernels;
     results agree with them to rounding (the compiler may contract multiply-adds).
     """
-    lr = float(lr)
-    values = F.rule_scalars(rule, int(step), lr=lr, betas=tuple(map(float, betas)),
-                            eps=float(eps), weight_decay=float(weight_decay),
-                            no_prox=bool(no_prox))
-    scalars = torch.tensor([*values, 1.0, 1.0, 0.0, 0.0, float(int(step) == 1)],
-                           dtype=torch.float64,
-                           device=param.device)
-    _run_kernel(rule, param, grad, buffers, scalars, no_prox, compute_dtype, None)
+    device = param.device
+    # A counter one below ``step``: the kernel advances it before computing the coefficients.
+    counter = torch.full((1,), float(int(step) - 1), dtype=torch.float64, device=device)
+    hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox), None,
+             0, 0.0)
+    _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(float(lr), device),
+                _constant(True, device, torch.bool), None, hyper, compute_dtype, None)
 
 
 # One 0-d device tensor per (device, dtype, value) for host constants the kernels take as data
@@ -254,13 +245,8 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox),
              None if max_grad_norm is None else float(max_grad_norm),
              int(lookahead_k) if slow is not None else 0, float(lookahead_alpha))
-    fn = _compile_once(_COEFFICIENT_FUNCTIONS[rule])
-    # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
-    scalars = _call(fn, (counter, _lr_tensor(lr, device).reshape(1), finite,
-                         None if norm is None else norm.reshape(1), hyper),
-                    ("coefficients", rule, counter.dtype, device, norm is None))
-    _run_kernel(rule, param, grad, buffers, scalars, no_prox, compute_dtype,
-                slow if hyper[5] else None)
+    _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(lr, device), finite, norm,
+                hyper, compute_dtype, slow if hyper[5] else None)
 
 
 # ------------------------------------------------------------------------------------------

@@ -251,6 +251,10 @@ class NeuroOptima(Optimizer):
         # id(param) -> (param, token): equal tokens mean equal step counts (see _tokens_of).
         self._tokens: dict[int, tuple[Tensor, Any]] = {}
         self._token_ids = itertools.count()
+        # Parameter lists of fused layouts that stepped since their tokens were last written:
+        # a steady-state step notes its layout here instead of writing one token per
+        # parameter; the next reader of tokens (_tokens_of) gives each list a fresh one.
+        self._moved_together: dict[int, list[Tensor]] = {}
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
@@ -311,6 +315,7 @@ class NeuroOptima(Optimizer):
         self.__dict__["_fused_layouts"] = {}
         self.__dict__["_checked"] = {}
         self.__dict__["_tokens"] = {}
+        self.__dict__["_moved_together"] = {}
         # Counters saved as plain numbers become tensors again, as in torch.optim, on the
         # parameter's device.
         for p, entry in self.state.items():
@@ -660,6 +665,9 @@ class NeuroOptima(Optimizer):
         so the fused path groups equal counts without reading them. A counter the optimizer
         did not make or advance (a loaded state dict) is read once.
         """
+        for moved in self._moved_together.values():
+            self._advance_tokens(moved, [None] * len(moved))  # they shared one token
+        self._moved_together.clear()
         out: list[Any] = []
         unknown: list[int] = []
         for i, p in enumerate(params):
@@ -722,12 +730,12 @@ class NeuroOptima(Optimizer):
         if layout is not None:  # the steady state of a fused group: one kernel call
             from .fused import group_rule_
 
-            tokens = self._tokens_of(params)
             group_rule_(group, layout.flat_param, layout.flat_grad, layout.flat_buffers,
                         layout.flat_step,
                         compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")),
                         finite=finite, norm=norm, slow=layout.flat_slow)
-            self._advance_tokens(params, tokens)
+            # A layout's parameters share one count and move together (see _tokens_of).
+            self._moved_together[id(layout)] = params
             return []
         rule = group["update"]
         states = [self.state[p] for p in params]

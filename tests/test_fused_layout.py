@@ -134,3 +134,26 @@ def test_a_layout_keeps_no_gradient_alive_between_steps():
         opt_.zero_grad()
         _run(opt_, params_, 3, start=3)  # the run goes on after the gradients were dropped
     _assert_same_run(ref, ref_opt, fused, fused_opt)
+
+
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+def test_a_parameter_that_sits_out_steps_keeps_its_own_count(rule):
+    # Steady-state steps note their parameters as moved together instead of writing one token
+    # each; a parameter that then sits out a step must still be grouped by its own count.
+    ref, ref_opt, fused, fused_opt = _pair(lr=1e-2, weight_decay=0.01, sam_rho=0.0,
+                                           lookahead_k=0, update=rule)
+
+    def sit_out(params):
+        def before_step(k):
+            if k in (3, 4):
+                params[1].requires_grad_(False)
+                params[1].grad = None
+            elif k == 5:
+                params[1].requires_grad_(True)
+        return before_step
+
+    for params, opt in ((ref, ref_opt), (fused, fused_opt)):
+        _run(opt, params, 8, before_step=sit_out(params))
+    counts = [int(fused_opt.state[p]["step"].item()) for p in fused]
+    assert counts[1] == 6 and counts[0] == counts[2] == 8
+    _assert_same_run(ref, ref_opt, fused, fused_opt)
