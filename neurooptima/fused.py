@@ -33,12 +33,15 @@ torch's fused optimizers take ``found_inf``): the kernel computes the update and
 ``where(finite, new, old)`` for the weights and every buffer, and the counters advance by
 ``finite``; so a skipped step moves nothing, decided without the host. A clipping coefficient
 scales the gradient inside the kernel, and Lookahead's sync is fused in as well, applied where
-``finite and step % k == 0`` on the device.
+``finite and step % k == 0`` on the device. Where host reads are free (CPU tensors, see
+``host_reads``) the optimizer decides the skip in Python instead and passes ``finite=None``:
+the graph then has no predicate, so a finite step pays nothing per element for it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Sequence
 
@@ -46,6 +49,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from . import host_reads
 from .dtensor import is_dtensor
 from .norms import local_norm_stats
 from .rules import compute_dtype_for, run_elementwise
@@ -61,27 +65,30 @@ CLIP_EPS = 1e-6
 _RECOMPILE_LIMIT = 64
 
 
-def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, compute_dtype,
-               slow):
-    # One compiled graph per step and run: the coefficients (a tiny kernel of its own) and
-    # the elementwise pass over the flat buffers.
-    scalars = _coefficients(rule, counter, lr, finite, norm, hyper)
-    no_prox = hyper[3]
+def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, structure,
+               compute_dtype, slow):
+    # One compiled graph per step and run: the coefficients (a scalar prologue) and the
+    # elementwise pass over the flat buffers. ``finite`` None: the step is known to be finite
+    # (decided on the host, see ``host_reads``), so the graph has no predicate; the graph is
+    # specialised on it, and on clipping, so neither costs an operation per element unless used.
+    scalars = _coefficients(rule, counter, lr, finite, norm, hyper, structure)
+    _, no_prox, clipping, _ = structure
     fields = F.SCALAR_TYPES[rule]._fields
     n = len(fields)
     s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(n)])
-    finite = scalars[n] != 0
     written = (param, *buffers)
-    old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
-    g = grad * scalars[n + 1]
+    if finite is not None:
+        old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
+    g = grad * scalars[n + 1] if clipping else grad
     if F.RULE_BUFFERS[rule][-1] == "prev_grad":  # Adan's difference is 0 at k = 1
         # In the buffer's dtype: the upcast that follows sees the stored (rounded) value, as
         # the eager path's initial copy gives it.
         prev = buffers[-1]
         prev.copy_(torch.where(scalars[n + 4] != 0, g.to(prev.dtype), prev))
     run_elementwise(rule, param, g, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
-    for t, before in zip(written, old):
-        t.copy_(torch.where(finite, t, before))  # a skipped step stores what it loaded
+    if finite is not None:
+        for t, before in zip(written, old):
+            t.copy_(torch.where(finite, t, before))  # a skipped step stores what it loaded
     if slow is not None:  # Lookahead: slow += alpha (fast - slow); fast = slow, where due
         due = scalars[n + 2] != 0
         pulled = slow + (param - slow) * scalars[n + 3]
@@ -89,26 +96,31 @@ def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, com
         param.copy_(torch.where(due, pulled, param))
 
 
-def _coefficients(rule, counter, lr, finite, norm, hyper):
-    """Advance ``counter`` by ``finite`` and return the step's coefficients, packed in one
-    float64 tensor that the elementwise pass reads as 0-d values: a new learning rate or step
-    count is data, not a reason to recompile (Python floats are specialised into the graph),
-    and no power or other scalar expression is left to evaluate per element. After the rule's
-    own coefficients come the predicate ``finite``, the gradient scale (clipping), Lookahead's
-    ``due`` and ``alpha``, and ``k == 1`` (Adan's previous gradient starts as the first one,
-    clipped like it)."""
-    betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
-    counter.add_(finite.to(counter.dtype))
+def _coefficients(rule, counter, lr, finite, norm, hyper, structure):
+    """Advance ``counter`` by ``finite`` (by 1 when None) and return the step's coefficients,
+    packed in one float64 tensor that the elementwise pass reads as 0-d values: a new learning
+    rate or step count is data, not a reason to recompile (Python floats are specialised into
+    the graph), and no power or other scalar expression is left to evaluate per element. After
+    the rule's own coefficients come the predicate ``finite``, the gradient scale (clipping),
+    Lookahead's ``due`` and ``alpha``, and ``k == 1`` (Adan's previous gradient starts as the
+    first one, clipped like it). ``hyper`` holds the betas, eps, weight decay, clipping norm
+    and Lookahead alpha as data (new values do not recompile); ``structure`` what shapes the
+    graph: the number of betas, ``no_prox``, whether it clips, Lookahead's k."""
+    n_betas, no_prox, clipping, lookahead_k = structure
+    betas = tuple(hyper[i] for i in range(n_betas))
+    eps, weight_decay, max_norm, alpha = (hyper[n_betas + i] for i in range(4))
+    counter.add_(1 if finite is None else finite.to(counter.dtype))
     k = counter[0].to(torch.float64)
     s = F.SCALARS[rule](k, lr=lr[0].to(torch.float64), betas=betas, eps=eps,
                         weight_decay=weight_decay, no_prox=no_prox)
     scale = torch.ones_like(k)
-    if max_norm is not None:
+    if clipping:
         scale = torch.clamp(max_norm / (norm[0].to(torch.float64) + CLIP_EPS), max=1.0)
+    ok = torch.ones_like(k, dtype=torch.bool) if finite is None else finite
     due = torch.zeros_like(k)
     if lookahead_k:
-        due = (finite & (torch.remainder(k, lookahead_k) == 0)).to(torch.float64)
-    values = [*s, finite.to(torch.float64), scale, due, alpha, (k == 1).to(torch.float64)]
+        due = (ok & (torch.remainder(k, lookahead_k) == 0)).to(torch.float64)
+    values = [*s, ok.to(torch.float64), scale, due, alpha, (k == 1).to(torch.float64)]
     return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=k.device)
                         for v in values])
 
@@ -153,21 +165,34 @@ def _compiled(rule: str) -> Callable[..., None]:
 
 
 def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
-                counter: Tensor, lr: Tensor, finite: Tensor, norm: Tensor | None, hyper: tuple,
-                compute_dtype: torch.dtype | None, slow: Tensor | None) -> None:
+                counter: Tensor, lr: Tensor, finite: Tensor | None, norm: Tensor | None,
+                hyper: tuple, compute_dtype: torch.dtype | None, slow: Tensor | None) -> None:
     fn = _compiled(rule)
+    betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
+    device = param.device
+    values = _constant((*betas, eps, weight_decay, 0.0 if max_norm is None else max_norm,
+                        alpha), device, torch.float64)
+    structure = (len(betas), no_prox, max_norm is not None, lookahead_k)
     # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
     args = (param, grad, tuple(buffers), counter, lr.reshape(1), finite,
-            None if norm is None else norm.reshape(1), hyper, compute_dtype, slow)
-    signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), param.device,
-                 counter.dtype, norm is None, compute_dtype,
-                 None if slow is None else slow.dtype)
+            None if norm is None else norm.reshape(1), values, structure, compute_dtype, slow)
+    # What dynamo specialises on: dtypes, None or tensor, the structure, and size 1 (a run
+    # of one tensor, one element) against larger sizes.
+    signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), device,
+                 counter.dtype, finite is None, norm is None, structure, compute_dtype,
+                 None if slow is None else slow.dtype, param.numel() == 1, counter.numel() == 1)
     _call(fn, args, signature)
 
 
 def _call(fn: Callable[..., Any], args: tuple, signature: tuple) -> Any:
     if signature in _SEEN:
-        return fn(*args)
+        try:
+            return fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # A specialisation the signature does not name (a storage offset of 0 or 1, say)
+            # needed another graph; raised before the graph ran, so nothing moved: compile
+            # it under the higher limit.
+            pass
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
         out = fn(*args)
     _SEEN.add(signature)
@@ -191,8 +216,8 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     counter = torch.full((1,), float(int(step) - 1), dtype=torch.float64, device=device)
     hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox), None,
              0, 0.0)
-    _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(float(lr), device),
-                _constant(True, device, torch.bool), None, hyper, compute_dtype, None)
+    _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(float(lr), device), None,
+                None, hyper, compute_dtype, None)
 
 
 # One 0-d device tensor per (device, dtype, value) for host constants the kernels take as data
@@ -200,11 +225,13 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
 _CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def _constant(value: float | bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _constant(value: float | bool | tuple[float, ...], device: torch.device,
+              dtype: torch.dtype) -> Tensor:
+    """``value`` as a tensor on ``device`` (0-d, or 1-D for a tuple), made once."""
     key = (value, device, dtype)
     t = _CONSTANTS.get(key)
     if t is None:
-        t = _CONSTANTS[key] = torch.full((), value, dtype=dtype, device=device)
+        t = _CONSTANTS[key] = torch.tensor(value, dtype=dtype, device=device)
         if len(_CONSTANTS) > _KNOWN_RUNS_LIMIT:
             _CONSTANTS.popitem(last=False)
     return t
@@ -231,15 +258,13 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     """One sync-free update of ``rule`` on flat tensors sharing one step count.
 
     ``counter`` holds the step counters of the run (a 1-D view; all equal), advanced here by
-    ``finite`` (a 0-d bool tensor; None: the step is known to be finite). Where ``finite`` is
-    false nothing moves. With ``max_grad_norm`` the gradient is scaled by
+    ``finite`` (a 0-d bool tensor: where it is false nothing moves; None: the step is known
+    to be finite, and the kernel has no predicate). With ``max_grad_norm`` the gradient is scaled by
     ``min(1, max_grad_norm / (norm + 1e-6))`` in the kernel; with ``slow`` (Lookahead's slow
     weights, ``lookahead_k > 0``) the sync runs in the kernel at every ``lookahead_k``-th
     update. Nothing is read on the host.
     """
     device = param.device
-    if finite is None:
-        finite = _constant(True, device, torch.bool)
     if max_grad_norm is not None and norm is None:
         raise ValueError("max_grad_norm needs the gradients' norm")
     hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox),
@@ -348,7 +373,12 @@ def _stats_of_squares(flat: Tensor) -> Tensor:
 
 def _stats_of_extremes(flat: Tensor) -> Tensor:
     """Packed ``[0, non-finite]`` of one flat run from its extremes: one eager read (nan and
-    inf reach the minimum or maximum; no sum, so no overflow of finite values)."""
+    inf reach the minimum or maximum; no sum, so no overflow of finite values). Where host
+    reads are free (CPU), a sum in the run's own dtype comes first, which reads faster: inf
+    and nan propagate through it, so a finite sum settles it; only a non-finite one, which an
+    overflow of finite values can also cause, goes on to the extremes."""
+    if host_reads.reads_are_free(flat.device) and math.isfinite(flat.sum().item()):
+        return torch.zeros(2, dtype=torch.float64, device=flat.device)
     low, high = torch.aminmax(flat)
     bad = ~(torch.isfinite(low) & torch.isfinite(high))
     return torch.stack([torch.zeros((), dtype=torch.float64, device=flat.device),
@@ -365,8 +395,9 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     narrower) value is far below float64's range, so the float64 sum of squares is finite
     exactly when every entry is. float64 runs, whose squares can overflow, stay eager. With
     ``norm=False`` a run's extremes (``torch.aminmax``: one eager read, no compiled call, no
-    sum that finite values could overflow) decide. The count is of non-finite runs and
-    tensors; only zero matters. Nothing is read on the host.
+    sum that finite values could overflow) decide, after a faster sum on the CPU. The count is
+    of non-finite runs and tensors; only zero matters. Nothing is read on the host, except
+    that sum where host reads are free (``host_reads``).
     """
     if device is None and tensors:
         device = tensors[0].device

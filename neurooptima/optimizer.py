@@ -55,7 +55,7 @@ from .lookahead import lookahead_sync_
 from .norms import device_norm, local_norm_stats, norm_from_stats
 from .sam import norm_terms, perturb_
 from .validation import check_group, prepare_group
-from . import reduced_state, state_validation
+from . import host_reads, reduced_state, state_validation
 from .rules import compute_dtype_for, run_rule
 
 __all__ = ["NeuroOptima", "SkippedStepWarning"]
@@ -569,16 +569,18 @@ class NeuroOptima(Optimizer):
         # The norm's value matters only for clipping; every step checks finiteness.
         clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
         stats = self._norm_stats(*self._update_norm_terms(per_group), norm=clipping)
-        if self._sync_free(per_group):
+        sync_free = self._sync_free(per_group)
+        if sync_free and not host_reads.reads_are_free(stats.device):
             self._apply_on_device(per_group, stats)
             return
-        norm, finite = norm_from_stats(stats)  # the one host read of an eager step
+        # The one host read of the step: the skip decision (free on the CPU; an eager
+        # step's kernels take numbers anyway).
+        norm, finite = norm_from_stats(stats)
         if not finite:
-            # Skip the whole step: no weight, buffer or counter moves.
-            for group in self.param_groups:
-                group["skipped_steps"] += 1
-            self._skipped_total += 1
-            self._warn_skipped(self._skipped_total + self._device_skips_seen)
+            self._skip_step()
+            return
+        if sync_free:  # the fused kernel without its predicate, clipping inside it
+            self._apply_on_device(per_group, stats, known_finite=True)
             return
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
@@ -608,20 +610,32 @@ class NeuroOptima(Optimizer):
                 return False
         return True
 
+    def _skip_step(self) -> None:
+        """Skip the whole step, decided on the host: no weight, buffer or counter moves."""
+        for group in self.param_groups:
+            group["skipped_steps"] += 1
+        self._skipped_total += 1
+        self._warn_skipped(self._skipped_total + self._device_skips_seen)
+
     def _apply_on_device(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
-                         stats: Tensor) -> None:
-        """The sync-free step: the kernel stores ``where(finite, new, old)``, so a step with a
-        non-finite gradient moves no weight, buffer, counter or slow weight, and nothing is
-        read on the host; the skip is counted on the device."""
+                         stats: Tensor, *, known_finite: bool = False) -> None:
+        """The fused step, clipping and Lookahead inside the kernel. By default sync-free: the
+        kernel stores ``where(finite, new, old)``, so a step with a non-finite gradient moves
+        no weight, buffer, counter or slow weight, nothing is read on the host, and the skip
+        is counted on the device. ``known_finite``: the host decided that the step is finite,
+        so the kernels run without the predicate and there is nothing to count."""
         norm, finite = device_norm(stats)
+        predicate = None if known_finite else finite
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
                 continue
             if group["lookahead_k"] > 0:
                 self._ensure_slow(params)
             clip = group["max_grad_norm"] is not None
-            self._apply_rule(group, params, grads, finite=finite, norm=norm if clip else None)
-        self._count_skip_on_device(finite)
+            self._apply_rule(group, params, grads, finite=predicate,
+                             norm=norm if clip else None)
+        if predicate is not None:
+            self._count_skip_on_device(predicate)
 
     # Host-side bookkeeping, run eagerly under torch.compile: dynamo does not carry this
     # method's attribute writes (the monitor created on the first step) into its reads.
@@ -768,9 +782,9 @@ class NeuroOptima(Optimizer):
             params, grads = [params[i] for i in rest_idx], [grads[i] for i in rest_idx]
             if not params:
                 return []
-            if finite is not None:
-                raise RuntimeError("internal: a sync-free step left parameters to the eager "
-                                   "kernels")
+            if finite is not None or norm is not None:
+                raise RuntimeError("internal: a fused step with its skip or clipping inside "
+                                   "the kernel left parameters to the eager kernels")
         torch._foreach_add_([self.state[p]["step"] for p in params], 1)
         foreach = self._use_foreach(group, params)
         state_dtype = group.get("state_dtype")

@@ -3,7 +3,10 @@ data (no recompilation), step counters in torch's scalar dtype on the parameters
 
 Host reads are counted by patching every Tensor method that turns a value into a Python object
 (``item``, ``tolist``, ``__bool__``, ``__int__``, ``__float__``, ``__index__``); on a GPU each
-of them waits for the device.
+of them waits for the device. On the CPU, where a read is a plain load, the step decides the
+skip on the host (``neurooptima.host_reads``); the ``accelerator_path`` fixture turns that off,
+so the accelerator's path (the skip as a predicate inside the kernel) runs and is counted here
+on any device.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import math
 import pytest
 import torch
 
-from neurooptima import UPDATE_RULES, NeuroOptima
+from neurooptima import UPDATE_RULES, NeuroOptima, host_reads
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
@@ -40,6 +43,12 @@ def count_host_reads():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+@pytest.fixture
+def accelerator_path(monkeypatch):
+    """The step keeps every decision on the device, as on a GPU, whatever the device."""
+    monkeypatch.setattr(host_reads, "reads_are_free", lambda device: False)
 
 
 def _model(device, seed=0):
@@ -80,9 +89,9 @@ def reads_per_step(device, *, sam: bool, set_to_none: bool = False, steps: int =
                    **options) -> dict[str, float]:
     """Host reads per step after three warm-up steps, by method name."""
     model = _model(device)
-    opt = NeuroOptima(model.parameters(), lr=1e-2, weight_decay=0.01,
-                      sam_rho=0.05 if sam else 0.0, lookahead_k=2, max_grad_norm=1.0,
-                      **options)
+    opt = NeuroOptima(model.parameters(), **{
+        **dict(lr=1e-2, weight_decay=0.01, sam_rho=0.05 if sam else 0.0, lookahead_k=2,
+               max_grad_norm=1.0), **options})
     run = _sam_steps if sam else _plain_steps
     kwargs = {} if sam else dict(set_to_none=set_to_none)
     run(model, opt, range(3), device, **kwargs)
@@ -93,13 +102,21 @@ def reads_per_step(device, *, sam: bool, set_to_none: bool = False, steps: int =
 
 @pytest.mark.parametrize("sam", [False, True], ids=["plain", "sam"])
 @pytest.mark.parametrize("update", UPDATE_RULES)
-def test_steady_fused_step_reads_nothing_on_the_host(device, update, sam):
+def test_steady_fused_step_reads_nothing_on_the_host(device, update, sam, accelerator_path):
     assert reads_per_step(device, sam=sam, update=update, fused=True) == {}
 
 
-def test_fused_step_with_fresh_gradients_reads_nothing_on_the_host(device):
+def test_fused_step_with_fresh_gradients_reads_nothing_on_the_host(device, accelerator_path):
     # zero_grad(set_to_none=True): the gradients are copied into the flat layout every step.
     assert reads_per_step(device, sam=False, set_to_none=True, fused=True) == {}
+
+
+@pytest.mark.parametrize("sam", [False, True], ids=["plain", "sam"])
+def test_cpu_fused_step_reads_only_its_skip_decision(sam):
+    """On the CPU the fused step reads the packed norm statistics once: the skip decision."""
+    cpu = torch.device("cpu")
+    assert reads_per_step(cpu, sam=sam, fused=True) == {"tolist": 1}
+    assert reads_per_step(cpu, sam=sam, fused=True, max_grad_norm=None) == {"tolist": 1}
 
 
 def test_eager_steps_read_the_skip_decision_and_counts(device):
@@ -112,7 +129,10 @@ def test_eager_steps_read_the_skip_decision_and_counts(device):
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
-def test_sync_free_skip_moves_nothing_and_counts_on_the_device(device, bad):
+@pytest.mark.parametrize("on_device", [True, False], ids=["device_predicate", "host_decision"])
+def test_fused_skip_moves_nothing_and_is_counted(device, bad, on_device, monkeypatch):
+    if on_device:
+        monkeypatch.setattr(host_reads, "reads_are_free", lambda device: False)
     model = _model(device)
     opt = NeuroOptima(model.parameters(), lr=1e-2, sam_rho=0.0, lookahead_k=2,
                       max_grad_norm=1.0, fused=True)
@@ -129,7 +149,8 @@ def test_sync_free_skip_moves_nothing_and_counts_on_the_device(device, bad):
     assert all(torch.equal(opt.state[p][k], v) for p, s in zip(model.parameters(), before[1])
                for k, v in s.items())
     count = opt.param_groups[0]["skipped_steps"]
-    assert isinstance(count, torch.Tensor) and count.device.type == device.type
+    if on_device or device.type != "cpu":  # counted on the device
+        assert isinstance(count, torch.Tensor) and count.device.type == device.type
     assert int(count) == 1
     assert opt.state_dict()["param_groups"][0]["skipped_steps"] == 1  # saved as a number
 

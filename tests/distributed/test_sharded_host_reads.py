@@ -1,6 +1,8 @@
 """Host reads of a steady-state ShardedNeuroOptima step (fused kernels, gradients kept between
 steps): one per gradient reduction, the use counts (a few bytes), because which parameters the
 inner update runs on depends on which ones any rank produced a gradient for; nothing else.
+Counted on the accelerator's path: on the CPU, where a read is a plain load, the step also
+reads its skip decision (``neurooptima.host_reads``), which the test turns off.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import pytest
 import torch
 from test_sharded_support import local_batch, loss_fn, make_model
 
+from neurooptima import host_reads
 from neurooptima.distributed import ShardedNeuroOptima
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__")
@@ -18,6 +21,7 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__")
 def test_a_steady_state_sharded_step_reads_only_the_use_counts(world, monkeypatch, sam_rho,
                                                                 reads):
     rank, n = world
+    monkeypatch.setattr(host_reads, "reads_are_free", lambda device: False)
     model = make_model()
     optimizer = ShardedNeuroOptima(model.parameters(), fused=True, sam_rho=sam_rho,
                                    lookahead_k=3, lr=1e-3)
