@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from neurooptima import NeuroOptima
+from neurooptima import NeuroOptima, host_reads
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -64,9 +64,13 @@ def test_compiled_training_step_matches_eager():
 
 
 @pytest.mark.parametrize("sam_rho", [0.0, 0.05], ids=["plain", "sam"])
-def test_compiled_fused_step_matches_eager(sam_rho):
-    """``torch.compile(optimizer.step)`` on the fused, sync-free path: the step's host-side
-    bookkeeping (the skip counter's monitor) survives capture, and the result is eager's."""
+@pytest.mark.parametrize("on_device", [True, False], ids=["device_predicate", "host_decision"])
+def test_compiled_fused_step_matches_eager(sam_rho, on_device, monkeypatch):
+    """``torch.compile(optimizer.step)`` on the fused path, with the skip decided on the device
+    (an accelerator's sync-free step: the skip counter's host-side monitor survives capture)
+    and on the host (the CPU's), matches eager."""
+    if on_device:
+        monkeypatch.setattr(host_reads, "reads_are_free", lambda device: False)
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)

@@ -221,3 +221,30 @@ def test_step_counters_follow_torch_scalar_dtype_and_live_on_the_device(device, 
             step = opt.state[p]["step"]
             assert step.dtype == expected == reference.state[p]["step"].dtype
             assert step.device.type == device.type and float(step) == 2
+
+
+@pytest.mark.parametrize("update", UPDATE_RULES)
+def test_host_decision_and_device_predicate_train_alike(device, update, monkeypatch):
+    """The CPU's host-decided step and the accelerator's predicated one: the same kernel math,
+    so the same weights and state, bit for bit, including across a skipped step."""
+    runs = []
+    for on_device in (True, False):
+        monkeypatch.setattr(host_reads, "reads_are_free",
+                            (lambda d: False) if on_device else (lambda d: d.type == "cpu"))
+        model = _model(device)
+        opt = NeuroOptima(model.parameters(), lr=1e-2, weight_decay=0.01, sam_rho=0.0,
+                          lookahead_k=2, max_grad_norm=0.5, update=update, fused=True)
+        for k in range(6):
+            opt.zero_grad(set_to_none=False)
+            _loss(model, k, device).backward()
+            if k == 3:
+                next(model.parameters()).grad[0, 0] = math.nan
+            with pytest.warns(Warning) if k == 3 and device.type == "cpu" \
+                    else contextlib.nullcontext():
+                opt.step()
+        runs.append(([p.detach().clone() for p in model.parameters()],
+                     [{k: v.clone() for k, v in opt.state[p].items()}
+                      for p in model.parameters()]))
+    (weights_a, states_a), (weights_b, states_b) = runs
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(states_a, states_b) for k in a)
