@@ -135,7 +135,7 @@ class ReferenceOptimizer:
     computes the loss and calls backward.
     """
 
-    DEFAULTS = dict(lr=1e-3, weight_decay=0.0, sam_rho=0.05, lookahead_k=5,
+    DEFAULTS = dict(lr=3e-3, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
                     lookahead_alpha=0.5, betas=None, eps=1e-8, update="adan", beta_diff=0.92,
                     no_prox=False, sam_adaptive=False, sam_eta=0.01, max_grad_norm=None,
                     maximize=False)

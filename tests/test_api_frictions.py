@@ -27,6 +27,8 @@ from neurooptima import NeuroOptima, SkippedStepWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 50
+# Both are off by default; the tests of SAM's two passes and of slow weights switch them on.
+SAM_AND_LOOKAHEAD = dict(sam_rho=0.05, lookahead_k=5)
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -73,8 +75,8 @@ def _two_phase_run(zero_grad_argument: bool, **kwargs):
 @pytest.mark.parametrize("options", [dict(lr=1e-2), dict(lr=1e-2, update="lion", foreach=True),
                                      dict(lr=1e-2, sam_adaptive=True, max_grad_norm=0.5)])
 def test_two_phase_loop_equals_step_closure_bitwise(zero_grad_argument, options):
-    expected, expected_opt = _closure_run(**options)
-    actual, actual_opt = _two_phase_run(zero_grad_argument, **options)
+    expected, expected_opt = _closure_run(**SAM_AND_LOOKAHEAD, **options)
+    actual, actual_opt = _two_phase_run(zero_grad_argument, **SAM_AND_LOOKAHEAD, **options)
     for p, q in zip(actual.parameters(), expected.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(actual_opt.state[p]["lookahead.slow"],
@@ -84,9 +86,9 @@ def test_two_phase_loop_equals_step_closure_bitwise(zero_grad_argument, options)
 
 def test_zeroing_only_between_the_passes_is_not_the_same_loop():
     """The loop the old recipes showed: the first pass adds onto last step's gradient."""
-    expected, _ = _closure_run(lr=1e-2)
+    expected, _ = _closure_run(lr=1e-2, **SAM_AND_LOOKAHEAD)
     model = _model()
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, **SAM_AND_LOOKAHEAD)
     for x, y in _batches(STEPS):
         nn.functional.mse_loss(model(x), y).backward()
         optimizer.first_step()
@@ -98,7 +100,7 @@ def test_zeroing_only_between_the_passes_is_not_the_same_loop():
 
 def test_second_step_zero_grad_clears_the_gradients():
     model = _model()
-    optimizer = NeuroOptima(model.parameters())
+    optimizer = NeuroOptima(model.parameters(), sam_rho=0.05)
     x, y = _batches(1)[0]
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.first_step(zero_grad=True)
@@ -145,7 +147,7 @@ def _one_step(optimizer, model):
 
 def test_negative_lr_set_in_param_groups_is_refused_at_the_next_step():
     model = _model()
-    optimizer = NeuroOptima(model.parameters())
+    optimizer = NeuroOptima(model.parameters(), sam_rho=0.05)
     _one_step(optimizer, model)
     optimizer.param_groups[0]["lr"] = -1
     before = [p.detach().clone() for p in model.parameters()]
@@ -189,7 +191,7 @@ def test_frozen_parameters_get_no_slow_weights_until_they_train():
     frozen = model[0].weight
     frozen.requires_grad_(False)
     initial = frozen.detach().clone()
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, **SAM_AND_LOOKAHEAD)
     assert "lookahead.slow" not in optimizer.state[frozen]
     trained = [p for p in model.parameters() if p.requires_grad]
     assert all("lookahead.slow" in optimizer.state[p] for p in trained)
@@ -296,7 +298,8 @@ def test_state_bytes_per_parameter_as_the_readme_states(update, buffers):
     params = list(model.parameters())
     x = torch.randn(8, 64)
     for state_dtype, rule_bytes in ((None, buffers), (torch.bfloat16, buffers // 2)):
-        optimizer = NeuroOptima(params, update=update, state_dtype=state_dtype)
+        optimizer = NeuroOptima(params, update=update, state_dtype=state_dtype,
+                                **SAM_AND_LOOKAHEAD)
         model(x).square().mean().backward()
         optimizer.first_step(zero_grad=True)  # between the passes SAM holds its restore data
         sam_bytes = 4 if state_dtype is None else 2
@@ -306,6 +309,11 @@ def test_state_bytes_per_parameter_as_the_readme_states(update, buffers):
         optimizer.second_step(zero_grad=True)
         assert _state_bytes_per_param(optimizer, params) == rule_bytes + 4  # + slow weights
         assert all(optimizer.state[p]["step"].numel() == 1 for p in params)
+    optimizer = NeuroOptima(params, update=update)  # the defaults: SAM and Lookahead off
+    model(x).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    assert _state_bytes_per_param(optimizer, params) == buffers  # the rule's buffers alone
     adamw = torch.optim.AdamW(params)
     model(x).square().mean().backward()
     adamw.step()

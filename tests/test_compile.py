@@ -25,7 +25,7 @@ def run(compiled: bool):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     x, y = torch.randn(8, 4), torch.randn(8, 2)
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2, lookahead_k=2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, sam_rho=0.05, lookahead_k=2)
     forward = torch.compile(model, backend="aot_eager") if compiled else model
 
     def second_step():

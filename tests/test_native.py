@@ -38,14 +38,14 @@ def test_param_groups_use_their_own_hyperparameters():
 def test_add_param_group_creates_slow_weights_at_add_time():
     init, loss_fn = mlp_problem()
     params = leaf_copies(init)
-    optimizer = NeuroOptima(params[:2], lr=1e-2, lookahead_k=2)
+    optimizer = NeuroOptima(params[:2], lr=1e-2, sam_rho=0.05, lookahead_k=2)
     with torch.no_grad():
         params[2].add_(0.5)  # the new tensors' values differ from their initial ones
     at_add = [p.detach().clone() for p in params[2:]]
     optimizer.add_param_group(dict(params=params[2:], lr=3e-3, update="lion", betas=[0.9, 0.99]))
     group = optimizer.param_groups[1]
     assert group["skipped_steps"] == 0 and group["betas"] == (0.9, 0.99)
-    assert group["lr"] == 3e-3 and group["sam_rho"] == 0.05  # own value, then the defaults
+    assert group["lr"] == 3e-3 and group["sam_rho"] == 0.05  # own value, then the optimizer's
     for p, value in zip(params[2:], at_add):
         slow = optimizer.state[p]["lookahead.slow"]
         assert torch.equal(slow, value) and slow.data_ptr() != p.data_ptr()
@@ -58,7 +58,8 @@ def test_add_param_group_creates_slow_weights_at_add_time():
 def test_step_lr_changes_the_step_size():
     # Lion without decay moves every element by exactly lr: the scheduled lr is the one used.
     p = torch.zeros(5, dtype=torch.float64, requires_grad=True)
-    optimizer = NeuroOptima([p], lr=0.5, update="lion", sam_rho=0.0, lookahead_k=0)
+    optimizer = NeuroOptima([p], lr=0.5, update="lion", weight_decay=0.0, sam_rho=0.0,
+                            lookahead_k=0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.25)
     target = torch.arange(1.0, 6.0, dtype=torch.float64) * 10
     for expected_lr in (0.5, 0.5, 0.125, 0.125, 0.03125):
@@ -95,7 +96,7 @@ def test_one_cycle_lr_and_betas_are_used_each_step():
 def test_step_hooks_fire_once_per_step_in_both_apis():
     init, loss_fn = mlp_problem()
     params = leaf_copies(init)
-    optimizer = NeuroOptima(params, lr=1e-2)
+    optimizer = NeuroOptima(params, lr=1e-2, sam_rho=0.05)
     calls = []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
     optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
@@ -134,7 +135,8 @@ def test_state_dict_hooks_fire():
 def test_maximize_equals_minimizing_the_negated_loss(update):
     init, loss_fn = mlp_problem()
     a, b = leaf_copies(init), leaf_copies(init)
-    common = dict(lr=1e-2, update=update, weight_decay=0.05, lookahead_k=2, max_grad_norm=1.0)
+    common = dict(lr=1e-2, update=update, weight_decay=0.05, sam_rho=0.05, lookahead_k=2,
+                  max_grad_norm=1.0)
     train(a, NeuroOptima(a, maximize=True, **common), loss_fn, 5, sign=-1.0)
     train(b, NeuroOptima(b, **common), loss_fn, 5)
     assert all_equal(a, b)
@@ -145,7 +147,7 @@ def test_zero_size_and_gradientless_parameters():
     empty = torch.zeros(0, 4, requires_grad=True)
     unused = torch.ones(3, requires_grad=True)
     used = torch.ones(2, requires_grad=True)
-    optimizer = NeuroOptima([empty, unused, used], lr=0.1, lookahead_k=1)
+    optimizer = NeuroOptima([empty, unused, used], lr=0.1, sam_rho=0.05, lookahead_k=1)
 
     def closure():
         optimizer.zero_grad()
@@ -176,7 +178,7 @@ def test_step_without_any_gradient_is_a_no_op():
 def test_two_phase_api_equals_step_with_closure(update, adaptive):
     init, loss_fn = mlp_problem()
     a, b = leaf_copies(init), leaf_copies(init)
-    common = dict(lr=1e-2, update=update, sam_adaptive=adaptive, lookahead_k=3)
+    common = dict(lr=1e-2, update=update, sam_rho=0.05, sam_adaptive=adaptive, lookahead_k=3)
     opt_a, opt_b = NeuroOptima(a, **common), NeuroOptima(b, **common)
     closure_b = make_closure(b, loss_fn)
     for _ in range(5):
@@ -195,7 +197,7 @@ def test_two_phase_api_equals_step_with_closure(update, adaptive):
 
 def test_step_without_closure_with_sam_on_says_what_to_pass():
     p = torch.ones(3, requires_grad=True)
-    optimizer = NeuroOptima([p])
+    optimizer = NeuroOptima([p], sam_rho=0.05)
     (p**2).sum().backward()
     with pytest.raises(ValueError) as info:
         optimizer.step()
@@ -206,7 +208,7 @@ def test_step_without_closure_with_sam_on_says_what_to_pass():
 
 def test_phase_misuse_is_reported():
     p = torch.ones(3, requires_grad=True)
-    optimizer = NeuroOptima([p])
+    optimizer = NeuroOptima([p], sam_rho=0.05)
     with pytest.raises(RuntimeError, match="first_step"):
         optimizer.second_step()
     (p**2).sum().backward()
@@ -231,7 +233,7 @@ def bn_buffers(model):
 
 def test_frozen_batchnorm_stats_in_the_second_pass():
     model = bn_model()
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, sam_rho=0.05)
     x, y = torch.randn(16, 4), torch.randn(16, 2)
     nn.functional.mse_loss(model(x), y).backward()
     optimizer.first_step()
@@ -250,7 +252,7 @@ def test_frozen_batchnorm_stats_in_the_second_pass():
 
 def test_in_second_pass_with_closure_counts_each_batch_once():
     model = bn_model()
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, sam_rho=0.05)
     x, y = torch.randn(16, 4), torch.randn(16, 2)
 
     def closure():
@@ -287,8 +289,8 @@ def test_grad_scaler_recipe_equals_the_unscaled_run():
     base = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
     x, y = torch.randn(16, 4, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     plain, scaled = copy.deepcopy(base), copy.deepcopy(base)
-    opt_plain = NeuroOptima(plain.parameters(), lr=1e-2, lookahead_k=2)
-    opt_scaled = NeuroOptima(scaled.parameters(), lr=1e-2, lookahead_k=2)
+    opt_plain = NeuroOptima(plain.parameters(), lr=1e-2, sam_rho=0.05, lookahead_k=2)
+    opt_scaled = NeuroOptima(scaled.parameters(), lr=1e-2, sam_rho=0.05, lookahead_k=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for _ in range(4):
         scaled_step(scaled, opt_scaled, scaler, x, y)
@@ -308,7 +310,7 @@ def test_grad_scaler_recipe_equals_the_unscaled_run():
 def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-    optimizer = NeuroOptima(model.parameters(), lr=1e-2)
+    optimizer = NeuroOptima(model.parameters(), lr=1e-2, sam_rho=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # any gradient > 2 overflows
     x, y = 100 * torch.randn(16, 4), 100 * torch.randn(16, 2)
     before = [p.detach().clone() for p in model.parameters()]

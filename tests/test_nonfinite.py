@@ -14,11 +14,14 @@ RULES = ["adan", "lion", "lion_adan"]
 
 
 def make(update: str, device="cpu", **kwargs):
+    """Two groups with SAM and Lookahead on (both are off by default), unless ``kwargs`` say
+    otherwise."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=gen, dtype=torch.float64).to(device).requires_grad_(),
               torch.randn(5, generator=gen, dtype=torch.float64).to(device).requires_grad_()]
     groups = [dict(params=params[:1]), dict(params=params[1:], lr=3e-3)]
-    return params, NeuroOptima(groups, lr=1e-2, weight_decay=0.1, update=update, **kwargs)
+    options = dict(lr=1e-2, weight_decay=0.1, sam_rho=0.05, lookahead_k=5, update=update)
+    return params, NeuroOptima(groups, **{**options, **kwargs})
 
 
 def set_grads(params, step: int, bad: float | None = None):

@@ -8,6 +8,8 @@ within 1e-6 and float64 within 1e-12, relative to each tensor's largest magnitud
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import pytorch_optimizer as po
@@ -59,6 +61,13 @@ def run_pair(dtype, options: list[dict], **shared) -> None:
     assert all(g["skipped_steps"] == 0 for g in opt.param_groups)
     # The trajectory really moved (a frozen optimizer would trivially match a frozen reference).
     assert all(not torch.equal(p, q) for p, q in zip(ours, init))
+
+
+def test_reference_defaults_are_neurooptimas():
+    """A missing option means the same in both, so a run_pair case cannot drift with a default."""
+    signature = inspect.signature(NeuroOptima.__init__).parameters
+    assert ref.ReferenceOptimizer.DEFAULTS == {name: signature[name].default
+                                               for name in ref.ReferenceOptimizer.DEFAULTS}
 
 
 # ------------------------------------------------------------------------- each rule alone

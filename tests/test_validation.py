@@ -100,7 +100,7 @@ def test_sparse_gradients_raise_a_clear_error():
 
 def test_sparse_gradients_raise_in_the_sam_first_pass_too():
     embedding = nn.Embedding(10, 3, sparse=True)
-    optimizer = NeuroOptima(embedding.parameters())
+    optimizer = NeuroOptima(embedding.parameters(), sam_rho=0.05)
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         optimizer.first_step()
