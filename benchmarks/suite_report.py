@@ -288,42 +288,80 @@ def workload_line(w: S.Workload, sizes: dict | None) -> str:
             f"validation {w.metric} every 1/{w.evals_per_epoch} epoch.")
 
 
-def recommendation(result: dict) -> list[str]:
-    """Which NeuroOptima configuration and LR the records support, with the numbers."""
-    names = [NEURO, "NeuroOptima -SAM", "NeuroOptima recommended"]
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else "the defaults"
+
+
+def robust_lr(rows_by_workload: list[dict]) -> float | None:
+    """The ladder LR that is never far from a workload's best: among the LRs every workload's
+    search tried (selection seed, whole budget), the one whose worst rank over the workloads is
+    best (then the best mean rank, then the smaller LR). A diverged run ranks last."""
+    common = set.intersection(*(set(r["search_scores"]) for r in rows_by_workload))
+    if not common:
+        return None
+    ranks: dict[float, list[int]] = {lr: [] for lr in common}
+    for row in rows_by_workload:
+        order = sorted(row["search_scores"], key=lambda x: -row["search_scores"][x])
+        for lr in common:
+            ranks[lr].append(order.index(lr) + 1)
+    return min(common, key=lambda lr: (max(ranks[lr]), statistics.fmean(ranks[lr]), lr))
+
+
+def recommended(result: dict) -> dict | None:
+    """The NeuroOptima configuration fastest to target in gradient evaluations (geometric mean
+    over the workloads where every configuration has a complete row) and its robust LR; None
+    without such a workload."""
+    names = list(S.NEURO_CONFIGS)
     times = profile_times(result, "grad_evals_to_target")
     usable = {w: t for w, t in times.items() if all(n in t for n in names)}
     if not usable:
-        return ["Recommended defaults: not enough complete NeuroOptima rows yet (needs the "
-                "default, -SAM and recommended rows on at least one workload)."]
-    lines = ["Median gradient evaluations to target (lower is better) of the three NeuroOptima "
-             "configurations, and the LR each chose:", ""]
-    body = []
-    for w, t in usable.items():
-        rows = result["workloads"][w]["rows"]
-        body.append([w] + [f"{_fmt(t[n])} (lr {rows[n]['lr']:g})" for n in names])
-    lines.append(_table(["workload", *names], body))
+        return None
     score = {n: statistics.fmean(
         math.log(t[n] / min(t[m] for m in names)) if math.isfinite(t[n]) else 10.0
         for t in usable.values()) for n in names}
     best = min(names, key=lambda n: score[n])
-    lrs = [result["workloads"][w]["rows"][best]["lr"] for w in usable]
-    lr = math.exp(statistics.median([math.log(x) for x in lrs]))
-    lr = S.LADDER[S.ladder_index(lr)]
-    settings = {NEURO: "the constructor defaults (SAM rho 0.05, Lookahead k 5, no decay)",
-                "NeuroOptima -SAM": "sam_rho=0 (Lookahead k 5 kept, no decay)",
-                "NeuroOptima recommended": ", ".join(f"{k}={v}" for k, v in
-                                                     S.RECOMMENDED.items())}
-    lines += ["", f"Fastest to target in gradient evaluations (geometric mean over "
-              f"{len(usable)} workload(s)): **{best}**, i.e. {settings[best]}; its tuned LR "
-              f"(median over workloads, on the half-decade ladder): **lr={lr:g}** "
-              f"(per workload: {', '.join(f'{x:g}' for x in lrs)})."]
-    total = len(result["workloads"])
-    if len(usable) < total:
-        lines += ["", f"The constructor defaults stay as they are until this comparison covers "
-                      f"every workload ({len(usable)} of {total} so far), so that a change of "
-                      f"what every user gets rests on all of them."]
-    return lines
+    best_rows = [result["workloads"][w]["rows"][best] for w in usable]
+    defaults = S.constructor_defaults()
+    settings = {**{k: v for k, v in defaults.items() if k != "lr"}, **S.NEURO_CONFIGS[best]}
+    lr = robust_lr(best_rows)
+    agrees = (len(usable) == len(result["workloads"]) and lr is not None
+              and all(defaults[k] == v for k, v in settings.items())
+              and S.ladder_index(defaults["lr"]) == S.ladder_index(lr))
+    return dict(names=names, times=usable, best=best, settings=settings, lr=lr,
+                tuned_lrs=[r["lr"] for r in best_rows], defaults=defaults,
+                defaults_agree=agrees)
+
+
+def recommendation(result: dict) -> list[str]:
+    """``recommended`` in words and a table, and whether the constructor defaults are it."""
+    rec = recommended(result)
+    if rec is None:
+        return ["Recommended defaults: not enough complete NeuroOptima rows yet (needs "
+                f"{', '.join(S.NEURO_CONFIGS)} on at least one workload)."]
+    names = rec["names"]
+    body = []
+    for w, t in rec["times"].items():
+        rows = result["workloads"][w]["rows"]
+        body.append([w] + [f"{_fmt(t[n])} (lr {rows[n]['lr']:g})" for n in names])
+    tuned = ", ".join(f"{x:g}" for x in rec["tuned_lrs"])
+    lines = ["Median gradient evaluations to target (lower is better) of the NeuroOptima "
+             "configurations, and the LR each chose:", "", _table(["workload", *names], body),
+             "", f"Fastest to target in gradient evaluations (geometric mean over "
+             f"{len(rec['times'])} workload(s)): **{rec['best']}** "
+             f"({_describe(rec['settings'])}). Its tuned LR per workload: {tuned}; the LR "
+             f"never far from each workload's best (best worst rank over the LRs every "
+             f"workload tried): **{_fmt(rec['lr'])}**."]
+    defaults = _describe(rec["defaults"])
+    if rec["defaults_agree"]:
+        verdict = (f"The constructor defaults ({defaults}) are this recommendation (lr: a "
+                   f"round value nearest that ladder point).")
+    else:
+        total = len(result["workloads"])
+        covered = len(rec["times"])
+        verdict = (f"The constructor defaults ({defaults}) are not this recommendation"
+                   + (f" (which covers {covered} of {total} workloads)" if covered < total
+                      else "") + ".")
+    return lines + ["", verdict]
 
 
 def markdown(result: dict) -> str:

@@ -7,6 +7,7 @@ user does not give never overrides a value (for example one from a DeepSpeed con
 from __future__ import annotations
 
 import argparse
+import inspect
 from typing import Any, Iterable
 
 import torch
@@ -19,9 +20,12 @@ __all__ = ["OPTIMIZERS", "DEFAULT_LR", "add_optimizer_args", "neurooptima_kwargs
 
 OPTIMIZERS = ("neurooptima", "sgd", "adam", "adamw", "lion", "adan")
 
-# Learning rates used when --lr is not given, chosen on the default digits run (NeuroOptima)
-# and at each method's usual scale for the baselines (Lion wants a smaller step than Adam).
-DEFAULT_LR = {"neurooptima": 1e-2, "sgd": 5e-2, "adam": 1e-3, "adamw": 1e-3, "lion": 1e-4,
+# NeuroOptima's own defaults, named in the help texts.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(NeuroOptima).parameters.items()}
+
+# Learning rates used when --lr is not given: NeuroOptima's own, and each baseline's usual scale
+# (Lion wants a smaller step than Adam).
+DEFAULT_LR = {"neurooptima": _DEFAULTS["lr"], "sgd": 5e-2, "adam": 1e-3, "adamw": 1e-3, "lion": 1e-4,
               "adan": 1e-2}
 
 
@@ -38,13 +42,16 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
                    help="NeuroOptima or a baseline for comparison (default neurooptima)")
     g.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default per optimizer: {DEFAULT_LR})")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (>= 0)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay (>= 0; NeuroOptima default {_DEFAULTS['weight_decay']})")
     g.add_argument("--sam-rho", type=float, default=None,
-                   help="SAM radius; 0 disables SAM (NeuroOptima default 0.05)")
+                   help=f"SAM radius, e.g. 0.05; 0 disables SAM (NeuroOptima default "
+                        f"{_DEFAULTS['sam_rho']})")
     g.add_argument("--sam-adaptive", action="store_true", help="ASAM instead of SAM")
     g.add_argument("--sam-eta", type=float, default=None, help="ASAM's eta (default 0.01)")
     g.add_argument("--lookahead-k", type=int, default=None,
-                   help="Lookahead sync period; 0 disables it (default 5)")
+                   help=f"Lookahead sync period, e.g. 5; 0 disables it (default "
+                        f"{_DEFAULTS['lookahead_k']})")
     g.add_argument("--lookahead-alpha", type=float, default=None,
                    help="Lookahead slow-weight step in (0, 1] (default 0.5)")
     g.add_argument("--betas", type=float, nargs="+", default=None,

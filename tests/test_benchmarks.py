@@ -195,6 +195,26 @@ def test_complete_rows_chose_an_interior_lr(tmp_path):
                     (name, cand, row["lr"], row["lr_tried"])
 
 
+def test_constructor_defaults_are_what_the_records_recommend(tmp_path):
+    """NeuroOptima's defaults are set from the suite: its fastest configuration (geometric mean
+    of gradient evaluations to target) and the LR never far from each workload's best."""
+    result = suite_report.analyse(_committed_records(tmp_path))
+    rec = suite_report.recommended(result)
+    if rec is None or len(rec["times"]) < len(result["workloads"]):
+        pytest.skip("the NeuroOptima configurations are not complete on every workload yet")
+    assert rec["best"] == "NeuroOptima default", rec["best"]
+    assert rec["defaults_agree"], (rec["defaults"], rec["settings"], rec["lr"])
+
+
+def test_robust_lr_takes_the_best_worst_rank():
+    rows = [dict(search_scores={1e-3: 0.9, 3.16e-3: 0.8, 1e-2: 0.1}),   # ranks 1, 2, 3
+            dict(search_scores={1e-3: 0.2, 3.16e-3: 0.7, 1e-2: 0.9})]   # ranks 3, 2, 1
+    assert suite_report.robust_lr(rows) == 3.16e-3
+    rows.append(dict(search_scores={1e-3: 0.5, 1e-2: 0.6}))             # 3.16e-3 untried
+    # Worst ranks tie (3 and 3); mean ranks 2 for 1e-3, 5/3 for 1e-2.
+    assert suite_report.robust_lr(rows) == 1e-2
+
+
 def test_adamw_reaches_its_target(tmp_path):
     result = suite_report.analyse(_committed_records(tmp_path))
     for name, wl in result["workloads"].items():
