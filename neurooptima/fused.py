@@ -72,7 +72,7 @@ def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, str
     # (decided on the host, see ``host_reads``), so the graph has no predicate; the graph is
     # specialised on it, and on clipping, so neither costs an operation per element unless used.
     scalars = _coefficients(rule, counter, lr, finite, norm, hyper, structure)
-    _, no_prox, clipping, _ = structure
+    _, no_prox, clipping, _, seeds_prev = structure
     fields = F.SCALAR_TYPES[rule]._fields
     n = len(fields)
     s = F.SCALAR_TYPES[rule](*[scalars[i] for i in range(n)])
@@ -80,9 +80,11 @@ def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, str
     if finite is not None:
         old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
     g = grad * scalars[n + 1] if clipping else grad
-    if F.RULE_BUFFERS[rule][-1] == "prev_grad":  # Adan's difference is 0 at k = 1
-        # In the buffer's dtype: the upcast that follows sees the stored (rounded) value, as
-        # the eager path's initial copy gives it.
+    if seeds_prev and F.RULE_BUFFERS[rule][-1] == "prev_grad":
+        # Adan's difference is 0 at k = 1: the previous gradient starts as the first one. In
+        # the buffer's dtype: the upcast that follows sees the stored (rounded) value, as the
+        # eager path's initial copy gives it. Not needed where that copy was made (a step
+        # decided on the host, without clipping): it would cost a select per element.
         prev = buffers[-1]
         prev.copy_(torch.where(scalars[n + 4] != 0, g.to(prev.dtype), prev))
     run_elementwise(rule, param, g, buffers, s, no_prox=no_prox, compute_dtype=compute_dtype)
@@ -105,8 +107,9 @@ def _coefficients(rule, counter, lr, finite, norm, hyper, structure):
     Lookahead's ``due`` and ``alpha``, and ``k == 1`` (Adan's previous gradient starts as the
     first one, clipped like it). ``hyper`` holds the betas, eps, weight decay, clipping norm
     and Lookahead alpha as data (new values do not recompile); ``structure`` what shapes the
-    graph: the number of betas, ``no_prox``, whether it clips, Lookahead's k."""
-    n_betas, no_prox, clipping, lookahead_k = structure
+    graph: the number of betas, ``no_prox``, whether it clips, Lookahead's k, and whether the
+    kernel sets Adan's previous gradient at k = 1."""
+    n_betas, no_prox, clipping, lookahead_k, _ = structure
     betas = tuple(hyper[i] for i in range(n_betas))
     eps, weight_decay, max_norm, alpha = (hyper[n_betas + i] for i in range(4))
     counter.add_(1 if finite is None else finite.to(counter.dtype))
@@ -172,7 +175,11 @@ def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     device = param.device
     values = _constant((*betas, eps, weight_decay, 0.0 if max_norm is None else max_norm,
                         alpha), device, torch.float64)
-    structure = (len(betas), no_prox, max_norm is not None, lookahead_k)
+    # The optimizer seeds Adan's previous gradient with the first gradient when it creates the
+    # state (as the eager kernels expect) unless the skip is decided in the kernel; the kernel
+    # seeds it there, and wherever clipping scales the first gradient.
+    seeds_prev = finite is not None or max_norm is not None
+    structure = (len(betas), no_prox, max_norm is not None, lookahead_k, seeds_prev)
     # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
     args = (param, grad, tuple(buffers), counter, lr.reshape(1), finite,
             None if norm is None else norm.reshape(1), values, structure, compute_dtype, slow)
@@ -209,7 +216,9 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     the 1-based update count ``step``, a host number here (``fused_step_`` takes a device
     counter). Buffers stored in another dtype than ``compute_dtype`` are upcast for the math
     (see ``rules.run_rule``). Same equations, same order of operations as the eager kernels;
-    results agree with them to rounding (the compiler may contract multiply-adds).
+    results agree with them to rounding (the compiler may contract multiply-adds). As for the
+    eager kernels, Adan's previous gradient is the caller's to set to the first gradient
+    before step 1.
     """
     device = param.device
     # A counter one below ``step``: the kernel advances it before computing the coefficients.

@@ -223,17 +223,22 @@ def test_step_counters_follow_torch_scalar_dtype_and_live_on_the_device(device, 
             assert step.device.type == device.type and float(step) == 2
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("update", UPDATE_RULES)
-def test_host_decision_and_device_predicate_train_alike(device, update, monkeypatch):
+def test_host_decision_and_device_predicate_train_alike(device, update, max_grad_norm,
+                                                        monkeypatch):
     """The CPU's host-decided step and the accelerator's predicated one: the same kernel math,
-    so the same weights and state, bit for bit, including across a skipped step."""
+    so the same weights and state, bit for bit, including across a skipped step (and Adan's
+    first previous gradient, set when the state is made on the host path and in the kernel on
+    the device path)."""
     runs = []
     for on_device in (True, False):
         monkeypatch.setattr(host_reads, "reads_are_free",
                             (lambda d: False) if on_device else (lambda d: d.type == "cpu"))
         model = _model(device)
         opt = NeuroOptima(model.parameters(), lr=1e-2, weight_decay=0.01, sam_rho=0.0,
-                          lookahead_k=2, max_grad_norm=0.5, update=update, fused=True)
+                          lookahead_k=2, max_grad_norm=max_grad_norm, update=update,
+                          fused=True)
         for k in range(6):
             opt.zero_grad(set_to_none=False)
             _loss(model, k, device).backward()
