@@ -462,7 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(out)
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     total = estimate_runs(len(pairs), seeds)
-    done_before = len(store.records)
+    # Records of the selected (workload, candidate) pairs only, so that a run restricted with
+    # --only starts its bar where that part of the suite stands.
+    selected = set(pairs)
+    done_before = sum((r["workload"], r["candidate"]) in selected for r in store.records.values())
     with tqdm(total=total, initial=min(done_before, total), desc=f"suite ({args.profile})",
               unit="run", dynamic_ncols=True, mininterval=5) as bar:
         suite = Suite(workloads, store, seeds, deadline, bar, args.profile)
