@@ -119,7 +119,8 @@ def main() -> None:
           f"{commit + ' ms (min / median)':>28s} {'ratio (median)':>15s}")
     for key in times["this tree"]:
         now, then = times["this tree"][key], times[commit][key]
-        rec = {"case": key, "revision": commit, "this_min_ms": min(now), "this_median_ms": statistics.median(now),
+        rec = {"case": key, "revision": commit, "this_min_ms": min(now),
+               "this_median_ms": statistics.median(now),
                "revision_min_ms": min(then), "revision_median_ms": statistics.median(then),
                "ratio_median": statistics.median(now) / statistics.median(then),
                "ratio_min": min(now) / min(then), "samples": len(now)}

@@ -25,8 +25,8 @@ _DEFAULTS = {name: p.default for name, p in inspect.signature(NeuroOptima).param
 
 # Learning rates used when --lr is not given: NeuroOptima's own, and each baseline's usual scale
 # (Lion wants a smaller step than Adam).
-DEFAULT_LR = {"neurooptima": _DEFAULTS["lr"], "sgd": 5e-2, "adam": 1e-3, "adamw": 1e-3, "lion": 1e-4,
-              "adan": 1e-2}
+DEFAULT_LR = {"neurooptima": _DEFAULTS["lr"], "sgd": 5e-2, "adam": 1e-3, "adamw": 1e-3,
+              "lion": 1e-4, "adan": 1e-2}
 
 
 def _on_off(value: str) -> bool | None:

@@ -229,8 +229,8 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
                 None, hyper, compute_dtype, None)
 
 
-# One 0-d device tensor per (device, dtype, value) for host constants the kernels take as data
-# (``finite=True``, a float learning rate): made once, so a step neither allocates nor copies.
+# One device tensor per (device, dtype, value) for host constants the kernels take as data (a
+# float learning rate, the hyperparameters): made once, so a step neither allocates nor copies.
 _CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
@@ -268,10 +268,10 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
 
     ``counter`` holds the step counters of the run (a 1-D view; all equal), advanced here by
     ``finite`` (a 0-d bool tensor: where it is false nothing moves; None: the step is known
-    to be finite, and the kernel has no predicate). With ``max_grad_norm`` the gradient is scaled by
-    ``min(1, max_grad_norm / (norm + 1e-6))`` in the kernel; with ``slow`` (Lookahead's slow
-    weights, ``lookahead_k > 0``) the sync runs in the kernel at every ``lookahead_k``-th
-    update. Nothing is read on the host.
+    to be finite, and the kernel has no predicate). With ``max_grad_norm`` the gradient is
+    scaled by ``min(1, max_grad_norm / (norm + 1e-6))`` in the kernel; with ``slow``
+    (Lookahead's slow weights, ``lookahead_k > 0``) the sync runs in the kernel at every
+    ``lookahead_k``-th update. Nothing is read on the host.
     """
     device = param.device
     if max_grad_norm is not None and norm is None:

@@ -576,7 +576,7 @@ class NeuroOptima(Optimizer):
         stats = self._norm_stats(*self._update_norm_terms(per_group), norm=clipping)
         sync_free = self._sync_free(per_group)
         if sync_free and not host_reads.reads_are_free(stats.device):
-            self._apply_on_device(per_group, stats)
+            self._apply_fused(per_group, stats)
             return
         # The one host read of the step: the skip decision (free on the CPU; an eager
         # step's kernels take numbers anyway).
@@ -585,7 +585,7 @@ class NeuroOptima(Optimizer):
             self._skip_step()
             return
         if sync_free:  # the fused kernel without its predicate, clipping inside it
-            self._apply_on_device(per_group, stats, known_finite=True)
+            self._apply_fused(per_group, stats, known_finite=True)
             return
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
@@ -622,7 +622,7 @@ class NeuroOptima(Optimizer):
         self._skipped_total += 1
         self._warn_skipped(self._skipped_total + self._device_skips_seen)
 
-    def _apply_on_device(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
+    def _apply_fused(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
                          stats: Tensor, *, known_finite: bool = False) -> None:
         """The fused step, clipping and Lookahead inside the kernel. By default sync-free: the
         kernel stores ``where(finite, new, old)``, so a step with a non-finite gradient moves
