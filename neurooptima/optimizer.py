@@ -629,8 +629,8 @@ class NeuroOptima(Optimizer):
         no weight, buffer, counter or slow weight, nothing is read on the host, and the skip
         is counted on the device. ``known_finite``: the host decided that the step is finite,
         so the kernels run without the predicate and there is nothing to count."""
-        clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
         if known_finite:  # nothing to compute on the device but the clipping norm
+            clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
             norm, predicate = (stats[0].sqrt() if clipping else None), None
         else:
             norm, predicate = device_norm(stats)
