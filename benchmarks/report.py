@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from neurooptima import NeuroOptima
+from neurooptima.validation import DEFAULT_LR as RULE_LR
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -251,6 +252,8 @@ def _mean_delta(by_task, a: str, b: str, key: str) -> float | None:
 _DEFAULTS = {name: p.default for name, p in
              inspect.signature(NeuroOptima.__init__).parameters.items()
              if p.default is not inspect.Parameter.empty}
+if _DEFAULTS["lr"] is None:  # lr=None: the default rule's own rate
+    _DEFAULTS["lr"] = RULE_LR[_DEFAULTS["update"]]
 
 
 def recommendation(conv: dict) -> str | None:

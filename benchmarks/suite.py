@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:  # run as a script: make launch/ importable
 from launch.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
 from launch.models import build_model  # noqa: E402
 from neurooptima import NeuroOptima  # noqa: E402
+from neurooptima.validation import DEFAULT_LR as RULE_LR  # noqa: E402
 from convergence import _train_step  # noqa: E402  (one SAM-aware training step for both)
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite"
@@ -187,7 +188,10 @@ NEURO_CONFIGS = {"NeuroOptima default": {}, "NeuroOptima Lookahead": LOOKAHEAD,
 def constructor_defaults() -> dict[str, object]:
     """NeuroOptima's defaults for the settings the configurations above vary."""
     params = inspect.signature(NeuroOptima).parameters
-    return {name: params[name].default for name in ("lr", *SAM_LOOKAHEAD)}
+    defaults = {name: params[name].default for name in ("lr", *SAM_LOOKAHEAD)}
+    if defaults["lr"] is None:  # the default rule's own rate
+        defaults["lr"] = RULE_LR[params["update"].default]
+    return defaults
 
 
 def _neuro(name: str, settings: dict) -> Candidate:

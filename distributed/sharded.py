@@ -139,7 +139,7 @@ class ShardedNeuroOptima(Optimizer):
                  master_weights: bool = True, reduce_dtype: torch.dtype | None = None,
                  module: nn.Module | None = None, broadcast_buffers: bool = True,
                  overlap_param_gather: bool = False,
-                 lr: float = 3e-3, weight_decay: float = 0.01, sam_rho: float = 0.0,
+                 lr: float | None = None, weight_decay: float = 0.01, sam_rho: float = 0.0,
                  lookahead_k: int | None = 0, lookahead_alpha: float = 0.5,
                  betas: tuple[float, ...] | None = None, eps: float = 1e-8,
                  update: str = "adan", beta_diff: float = 0.92, no_prox: bool = False,

@@ -56,7 +56,7 @@ def deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any
         params = dict(section.get("params", {}))
         flags = neurooptima_kwargs(args)
         if args.lr is None and "lr" in params:
-            flags.pop("lr")  # the file's learning rate wins over the built-in default
+            flags.pop("lr", None)  # the file's learning rate wins over the built-in default
         params.update(flags)
         if args.sam_mode is not None or "sam_mode" not in params:
             params["sam_mode"] = args.sam_mode or "global"

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from neurooptima import NeuroOptima, UPDATE_RULES
+from neurooptima.validation import DEFAULT_LR as RULE_LR
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "add_optimizer_args", "neurooptima_kwargs",
            "baseline_class", "baseline_kwargs", "build_optimizer"]
@@ -23,8 +24,8 @@ OPTIMIZERS = ("neurooptima", "sgd", "adam", "adamw", "lion", "adan")
 # NeuroOptima's own defaults, named in the help texts.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(NeuroOptima).parameters.items()}
 
-# Learning rates used when --lr is not given: NeuroOptima's own, and each baseline's usual scale
-# (Lion wants a smaller step than Adam).
+# Learning rates used when --lr is not given: NeuroOptima's own (None: its update rule's
+# default), and each baseline's usual scale (Lion wants a smaller step than Adam).
 DEFAULT_LR = {"neurooptima": _DEFAULTS["lr"], "sgd": 5e-2, "adam": 1e-3, "adamw": 1e-3,
               "lion": 1e-4, "adan": 1e-2}
 
@@ -41,7 +42,8 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="neurooptima",
                    help="NeuroOptima or a baseline for comparison (default neurooptima)")
     g.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default per optimizer: {DEFAULT_LR})")
+                   help=f"learning rate (default per optimizer: {DEFAULT_LR}; None: "
+                        f"NeuroOptima's rule's own, {RULE_LR})")
     g.add_argument("--weight-decay", type=float, default=None,
                    help=f"weight decay (>= 0; NeuroOptima default {_DEFAULTS['weight_decay']})")
     g.add_argument("--sam-rho", type=float, default=None,
@@ -70,13 +72,15 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
 
 
-def learning_rate(args: argparse.Namespace) -> float:
+def learning_rate(args: argparse.Namespace) -> float | None:
     return args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
 
 
 def neurooptima_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The NeuroOptima keyword arguments the flags set (unset flags are left out)."""
-    kwargs: dict[str, Any] = {"lr": learning_rate(args)}
+    kwargs: dict[str, Any] = {}
+    if learning_rate(args) is not None:
+        kwargs["lr"] = learning_rate(args)
     for flag in ("weight_decay", "sam_rho", "sam_eta", "lookahead_k", "lookahead_alpha", "eps",
                  "update", "beta_diff", "max_grad_norm", "foreach"):
         value = getattr(args, flag)

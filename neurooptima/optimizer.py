@@ -196,12 +196,15 @@ class NeuroOptima(Optimizer):
 
     The defaults are the configuration ``benchmarks/suite.py`` found fastest to a target over
     its four workloads (geometric mean of gradient evaluations): Adan with weight decay 0.01,
-    SAM and Lookahead off (each switched on by its argument), and lr 3e-3, the learning rate
-    never far from each workload's best (see ``benchmarks/results/REPORT.md``).
+    SAM and Lookahead off (each switched on by its argument), and the learning rate of each rule
+    never far from each workload's best: 3e-3 for Adan, 1e-3 for Lion and Lion-Adan (see
+    ``benchmarks/results/REPORT.md``).
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (>= 0).
+        lr: learning rate (>= 0); None: the group's rule's own default, 3e-3 for ``adan``,
+            1e-3 for ``lion`` and ``lion_adan`` (sign updates take smaller steps), resolved
+            per param group, so a group with its own ``update`` gets its rule's rate.
         weight_decay: decay (>= 0); Adan applies it proximally ``w / (1 + lr wd)`` unless
             ``no_prox=True`` (then ``w * (1 - lr wd)`` first); Lion rules apply it decoupled.
         sam_rho: SAM radius (>= 0); 0 disables SAM and its second gradient evaluation.
@@ -226,7 +229,8 @@ class NeuroOptima(Optimizer):
             dtype, SAM keeps its perturbation in it instead of a full copy of the weights.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 3e-3,
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
+                 lr: float | None = None,
                  weight_decay: float = 0.01, sam_rho: float = 0.0, lookahead_k: int | None = 0,
                  lookahead_alpha: float = 0.5, betas: tuple[float, ...] | None = None,
                  eps: float = 1e-8, *, update: str = "adan", beta_diff: float = 0.92,

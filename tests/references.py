@@ -135,7 +135,7 @@ class ReferenceOptimizer:
     computes the loss and calls backward.
     """
 
-    DEFAULTS = dict(lr=3e-3, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
+    DEFAULTS = dict(lr=None, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
                     lookahead_alpha=0.5, betas=None, eps=1e-8, update="adan", beta_diff=0.92,
                     no_prox=False, sam_adaptive=False, sam_eta=0.01, max_grad_norm=None,
                     maximize=False)
@@ -145,6 +145,8 @@ class ReferenceOptimizer:
         for group in groups:
             full = {**self.DEFAULTS, **defaults, **group}
             full["betas"] = code_order_betas(full["update"], full["betas"], full["beta_diff"])
+            if full["lr"] is None:  # each rule's own rate, as NeuroOptima documents it
+                full["lr"] = {"adan": 3e-3, "lion": 1e-3, "lion_adan": 1e-3}[full["update"]]
             full["lookahead_k"] = full["lookahead_k"] or 0
             self.groups.append(full)
         self.state: dict[int, dict] = {}
