@@ -53,9 +53,9 @@ from . import functional as F
 from .dtensor import check_fsdp1_connected, local, local_list, mesh_norm_stats, split_for_norm
 from .lookahead import lookahead_sync_
 from .norms import device_norm, local_norm_stats, norm_from_stats
-from .sam import norm_terms, perturb_
+from .sam import gradient_due, norm_terms, perturb_
 from .validation import check_group, prepare_group
-from . import host_reads, reduced_state, state_validation
+from . import host_reads, momentum_ascent, reduced_state, state_validation
 from .rules import compute_dtype_for, run_rule
 
 __all__ = ["NeuroOptima", "SkippedStepWarning"]
@@ -70,7 +70,8 @@ _SLOW = "lookahead.slow"
 # Every per-group setting; a change to any of them is checked again at the next step.
 HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
-              "maximize", "foreach", "fused", "state_dtype")
+              "maximize", "foreach", "fused", "state_dtype", "sam_ascent", "sam_warmup",
+              "sam_interval", "sam_start")
 
 
 class SkippedStepWarning(RuntimeWarning):
@@ -152,19 +153,21 @@ def _caller_level() -> int:
     return 1
 
 
-NEED_CLOSURE = ("SAM (sam_rho > 0) evaluates the gradient twice per step: pass step(closure) "
-                "with a closure that zeroes the gradients, runs forward and backward and "
-                "returns the loss; or call first_step() after the first backward and "
-                "second_step() after the second; or set sam_rho=0")
+NEED_CLOSURE = ("SAM (sam_rho > 0, sam_ascent='gradient') evaluates the gradient twice on this "
+                "step: pass step(closure) with a closure that zeroes the gradients, runs "
+                "forward and backward and returns the loss; or call first_step() after the "
+                "first backward and second_step() after the second (optimizer.sam_due says "
+                "whether a step needs them); or use sam_ascent='momentum', the one-gradient "
+                "form, which runs in any loop; or set sam_rho=0")
 
 
 def run_step(optimizer: Any, closure: Callable[[], Tensor] | None,
              finish: Callable[[], None]) -> Tensor | None:
     """PyTorch's closure contract with SAM's two passes, for every NeuroOptima front end.
 
-    ``optimizer`` provides ``sam_enabled``, ``_sam_phase``, ``first_step()`` and
-    ``zero_grad()``; ``finish()`` ends the step (restore and update). Returns the first-pass
-    loss.
+    ``optimizer`` provides ``sam_due`` (whether this step runs two passes), ``_sam_phase``,
+    ``first_step()`` and ``zero_grad()``; ``finish()`` ends the step (restore and update).
+    Returns the first-pass loss; the closure is called once or twice as the schedule says.
     """
     if optimizer._sam_phase is not None:  # the second half of first_step() / second_step()
         if closure is not None:
@@ -172,7 +175,7 @@ def run_step(optimizer: Any, closure: Callable[[], Tensor] | None,
                              "call second_step() (or step() without a closure) first")
         finish()
         return None
-    if optimizer.sam_enabled:
+    if optimizer.sam_due:
         if closure is None:
             raise ValueError(NEED_CLOSURE)
         with torch.enable_grad():
@@ -207,7 +210,7 @@ class NeuroOptima(Optimizer):
             per param group, so a group with its own ``update`` gets its rule's rate.
         weight_decay: decay (>= 0); Adan applies it proximally ``w / (1 + lr wd)`` unless
             ``no_prox=True`` (then ``w * (1 - lr wd)`` first); Lion rules apply it decoupled.
-        sam_rho: SAM radius (>= 0); 0 disables SAM and its second gradient evaluation.
+        sam_rho: SAM radius (>= 0) of either form; 0 disables sharpness-awareness.
         lookahead_k: sync period (integer >= 0); 0 or None disables Lookahead.
         lookahead_alpha: slow-weight step in (0, 1].
         betas: None for the rule's official defaults; for ``adan`` a 2-tuple means
@@ -221,6 +224,13 @@ class NeuroOptima(Optimizer):
         sam_eta: ASAM's ``eta`` in ``T_w = |w| + eta``.
         max_grad_norm: clip the update gradient to this global L2 norm (None: no clipping).
         maximize: maximize the objective.
+        sam_ascent: ``"gradient"`` (SAM/ASAM: two gradients on the steps it runs) or
+            ``"momentum"`` (momentum ascent, MSAM: one gradient a step; between steps the model
+            holds ``w - s m``, see ``momentum_ascent``; ``eval()``/``train()`` move it to ``w``
+            and back; typical rho 1-3).
+        sam_warmup: steps (integer >= 0) during which momentum ascent holds ``w`` (rho 0).
+        sam_interval: gradient ascent runs on every ``sam_interval``-th step (integer >= 1),
+        sam_start: and from step ``sam_start`` on (integer >= 1); other steps are plain.
         foreach: multi-tensor kernels; None picks them where torch does (accelerators).
         fused: one compiled single-pass kernel per (device, dtype) over flat buffers (see
             ``fused``); None or False: off. Cannot be combined with ``foreach=True``.
@@ -237,13 +247,15 @@ class NeuroOptima(Optimizer):
                  no_prox: bool = False, sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, sam_ascent: str = "gradient",
+                 sam_warmup: int = 0, sam_interval: int = 1, sam_start: int = 1) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,
                         eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
                         sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
                         maximize=maximize, foreach=foreach, fused=fused,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, sam_ascent=sam_ascent, sam_warmup=sam_warmup,
+                        sam_interval=sam_interval, sam_start=sam_start)
         # Check the defaults once up front so an empty or odd params list still reports them.
         check_group(dict(defaults))
         self._sam_phase: str | None = None  # None, "perturbed" or "skipped" between passes
@@ -269,7 +281,7 @@ class NeuroOptima(Optimizer):
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
         # A checkpoint of another model or rule, or a partial one, is refused before loading.
         self.register_state_dict_post_hook(state_validation.record_state_count)
-        self.register_state_dict_post_hook(_plain_skip_counts)
+        self.register_state_dict_post_hook(_plain_numbers)
         self.register_load_state_dict_pre_hook(state_validation.check_load)
 
     # ---------------------------------------------------------------- groups and state
@@ -309,6 +321,10 @@ class NeuroOptima(Optimizer):
                 continue
             check_group(group)
             self._checked[id(group)] = (group, _fingerprint(group))
+        forms = {group["sam_ascent"] for group in self.param_groups if group["sam_rho"] > 0}
+        if len(forms) > 1:
+            raise ValueError("param groups mix sam_ascent='gradient' and 'momentum'; give every "
+                             "group with sam_rho > 0 the same sam_ascent")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -334,7 +350,35 @@ class NeuroOptima(Optimizer):
 
     @property
     def sam_enabled(self) -> bool:
-        return any(group["sam_rho"] > 0 for group in self.param_groups)
+        """Whether gradient-ascent SAM (two gradients) runs on some steps."""
+        return any(group["sam_rho"] > 0 and group["sam_ascent"] == "gradient"
+                   for group in self.param_groups)
+
+    @property
+    def sam_due(self) -> bool:
+        """Whether the coming step runs gradient-ascent SAM: two forward/backward passes
+        (``first_step()`` after the first, ``second_step()`` after the second)."""
+        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.param_groups)
+
+    # ---------------------------------------------------------------- momentum ascent
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Move the model from the ascent point ``w~`` to the weights ``w`` (momentum ascent;
+        a no-op where the model already holds ``w``), for evaluation, export or averaging.
+        ``train()`` goes back, bit for bit; a step in eval mode is an error."""
+        momentum_ascent.to_eval_(self.state, self.param_groups)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Back to the ascent point after ``eval()``; a no-op in training mode."""
+        momentum_ascent.to_train_(self.state, self.param_groups)
+
+    def _check_training(self) -> None:
+        if any(group.get(momentum_ascent.EVALUATING) for group in self.param_groups):
+            raise RuntimeError("the optimizer is in eval mode (the model holds w, not the "
+                               "momentum-ascent point): call optimizer.train() before the "
+                               "next forward/backward and step()")
 
     def _grads(self, group: dict[str, Any], *, for_update: bool = True
                ) -> tuple[list[Tensor], list[Tensor]]:
@@ -461,6 +505,7 @@ class NeuroOptima(Optimizer):
         if self._sam_phase is not None:
             raise RuntimeError("first_step() was called twice; call second_step() in between")
         self._check_groups()
+        self._check_training()
         self._perturb()
         if zero_grad:
             self.zero_grad()
@@ -488,7 +533,7 @@ class NeuroOptima(Optimizer):
                 return
         self._sam_phase = "perturbed"
         for group, (params, grads) in zip(self.param_groups, per_group):
-            if group["sam_rho"] == 0 or not params:
+            if not gradient_due(group, group["sam_clock"] + 1) or not params:
                 continue
             dtype = group.get("state_dtype")
             if all(reduced_state.stores_perturbation(p.dtype, dtype) for p in params):
@@ -557,12 +602,17 @@ class NeuroOptima(Optimizer):
         begun with ``first_step()``, or (SAM off) applies the update to the current gradients.
         """
         self._check_groups()
+        if self._sam_phase is None:
+            self._check_training()
         return run_step(self, closure, self._finish_step)
 
     def _finish_step(self) -> None:
-        """The end of every step: undo the SAM perturbation if any, then update."""
+        """The end of every step: undo the SAM perturbation if any, then update (momentum
+        ascent goes back to ``w`` and ascends again around the update)."""
         if self._sam_phase is not None:
             self._restore()
+        for group in self.param_groups:
+            group["sam_clock"] += 1
         self._update()
 
     def _update(self) -> None:
@@ -591,6 +641,7 @@ class NeuroOptima(Optimizer):
         if sync_free:  # the fused kernel without its predicate, clipping inside it
             self._apply_fused(per_group, stats, known_finite=True)
             return
+        momentum_ascent.leave_(self.state, self.param_groups)
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
                 continue
@@ -603,6 +654,7 @@ class NeuroOptima(Optimizer):
                     grads = list(torch._foreach_mul(grads, coef))
             rest = self._apply_rule(group, params, grads)
             self._lookahead(group, rest)
+        momentum_ascent.take_(self.state, self.param_groups, self._norm_stats)
 
     def _sync_free(self, per_group: list[tuple[list[Tensor], list[Tensor]]]) -> bool:
         """Whether every parameter with a gradient goes through the fused kernel, which takes
@@ -638,6 +690,7 @@ class NeuroOptima(Optimizer):
             norm, predicate = (stats[0].sqrt() if clipping else None), None
         else:
             norm, predicate = device_norm(stats)
+        momentum_ascent.leave_(self.state, self.param_groups, predicate)
         for group, (params, grads) in zip(self.param_groups, per_group):
             if not params:
                 continue
@@ -646,6 +699,7 @@ class NeuroOptima(Optimizer):
             clip = group["max_grad_norm"] is not None
             self._apply_rule(group, params, grads, finite=predicate,
                              norm=norm if clip else None)
+        momentum_ascent.take_(self.state, self.param_groups, self._norm_stats, predicate)
         if predicate is not None:
             self._count_skip_on_device(predicate)
 
@@ -874,11 +928,14 @@ def _flat_pair(weights: list[Tensor], grads: list[Tensor]) -> tuple[Tensor | Non
     return flat_w, flat_g
 
 
-def _plain_skip_counts(optimizer: NeuroOptima, state_dict: dict[str, Any]) -> dict[str, Any]:
-    """``state_dict()`` saves ``skipped_steps`` as a number (read once, here), so a saved
-    state never aliases the live device counter and JSON writers can take it."""
+def _plain_numbers(optimizer: NeuroOptima, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict()`` saves ``skipped_steps`` and the ascent scale as numbers (read once,
+    here), so a saved state never aliases a live device tensor and JSON writers can take it."""
     for group in state_dict["param_groups"]:
         count = group.get("skipped_steps")
         if isinstance(count, Tensor):
             group["skipped_steps"] = int(count)
+        scale = group.get(momentum_ascent.SCALE)
+        if isinstance(scale, Tensor):
+            group[momentum_ascent.SCALE] = float(scale)  # float64: exact
     return state_dict

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from .functional import UPDATE_RULES, state_keys
 
-__all__ = ["check_state_dict", "rule_mismatch", "record_state_count", "check_state_count",
-           "check_load", "STATE_COUNT"]
+__all__ = ["check_state_dict", "check_not_foreign", "rule_mismatch", "record_state_count",
+           "check_state_count", "check_load", "STATE_COUNT"]
 
 _SHAPED_LIKE_PARAM = ("lookahead.slow",)  # besides the rule's buffers
 
@@ -29,6 +29,70 @@ def rule_mismatch(index: int, saved: str, current: str) -> str:
             f"optimizer with update={saved!r} to resume it")
 
 
+# ------------------------------------------------------------ another optimizer's state dict
+
+# Settings every NeuroOptima param group saves; a saved group with none of them is another
+# optimizer's.
+_OWN_GROUP_KEYS = ("update", "sam_rho", "lookahead_k")
+
+# (what it looks like, test on (per-parameter keys, the first saved group)), most specific
+# first. Only used to name the source in the error; any key NeuroOptima never saves is refused.
+_KNOWN_FOREIGN: tuple[tuple[str, Any], ...] = (
+    ("an Adan state dict (pytorch-optimizer's Adan, or the official Adan's)",
+     lambda keys, group: {"exp_avg", "exp_avg_diff"} <= keys),
+    ("torch.optim.AdamW's",
+     lambda keys, group: "amsgrad" in group and group.get("decoupled_weight_decay", True)
+     and keys <= {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    ("torch.optim.Adam's",
+     lambda keys, group: "amsgrad" in group and keys <= {"exp_avg", "exp_avg_sq",
+                                                        "max_exp_avg_sq"}),
+    ("a Lion state dict (pytorch-optimizer's Lion, or another library's)",
+     lambda keys, group: keys == {"exp_avg"}),
+    ("torch.optim.SGD's", lambda keys, group: "nesterov" in group),
+)
+
+
+def _foreign_keys(state_dict: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(per-parameter keys, per-group keys) that NeuroOptima never saves: its parameter state
+    is ``step`` and namespaced buffers (``adan.exp_avg``, ``lookahead.slow``, ...)."""
+    state_keys_: set[str] = set()
+    for entry in state_dict["state"].values():
+        if isinstance(entry, dict):
+            state_keys_.update(str(k) for k in entry if k != "step" and "." not in str(k))
+    group_keys: set[str] = set()
+    for group in state_dict["param_groups"]:
+        if isinstance(group, dict) and not any(k in group for k in _OWN_GROUP_KEYS):
+            group_keys.update(str(k) for k in group if k != "params")
+    return sorted(state_keys_), sorted(group_keys)
+
+
+def check_not_foreign(state_dict: dict[str, Any]) -> None:
+    """Refuse another optimizer's state dict (torch's AdamW, an Adan or Lion of another library)
+    with what it looks like and what to do: its buffers are another algorithm's, which
+    NeuroOptima's update cannot continue, and loading its param groups would replace this
+    optimizer's settings with ones it does not have."""
+    state_keys_, group_keys = _foreign_keys(state_dict)
+    if not state_keys_ and not group_keys:
+        return
+    groups = [g for g in state_dict["param_groups"] if isinstance(g, dict)]
+    first = groups[0] if groups else {}
+    looks = next((name for name, test in _KNOWN_FOREIGN if test(set(state_keys_), first)),
+                 "another optimizer's")
+    found = []
+    if state_keys_:
+        found.append(f"per-parameter keys {'/'.join(state_keys_)}")
+    if group_keys:
+        shown = "/".join(group_keys[:5]) + ("/..." if len(group_keys) > 5 else "")
+        found.append(f"param groups without NeuroOptima's settings ({', '.join(_OWN_GROUP_KEYS)}) "
+                     f"but with {shown}")
+    raise ValueError(
+        f"this state dict looks like {looks}: it has {' and '.join(found)}, where NeuroOptima "
+        f"saves 'step' and namespaced buffers ('adan.exp_avg', 'lookahead.slow', ...). Another "
+        f"algorithm's optimizer state cannot be continued by NeuroOptima, so nothing was "
+        f"loaded. The model weights of that run are fine: load them (model.load_state_dict) "
+        f"and start this optimizer fresh, as for a new run.")
+
+
 def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, Any],
                      rules: Sequence[str] | None = None) -> None:
     """Raise ``ValueError`` unless ``state_dict`` (the full, unsharded format) fits ``groups``,
@@ -36,6 +100,7 @@ def check_state_dict(groups: Sequence[Sequence[Tensor]], state_dict: dict[str, A
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with 'state' and 'param_groups', as "
                          "optimizer.state_dict() returns")
+    check_not_foreign(state_dict)
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(groups):
         raise ValueError(f"the state dict has {len(saved_groups)} param groups, the optimizer "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .functional import DEFAULT_BETAS, UPDATE_RULES
+from .momentum_ascent import EVALUATING, SCALE
 
 # Each rule's learning rate when ``lr=None``: the suite's (benchmarks/results/REPORT.md) rate
 # never far from any workload's best, found by the same robust choice for each rule (Adan 3e-3;
@@ -80,6 +81,35 @@ def resolve_betas(update: str, betas: Any, beta_diff: float) -> tuple[float, ...
     return betas
 
 
+SAM_ASCENTS = ("gradient", "momentum")
+# The sharpness-aware settings with their defaults (param groups saved before they existed
+# lack them).
+SAM_SCHEDULE_DEFAULTS = {"sam_ascent": "gradient", "sam_warmup": 0, "sam_interval": 1,
+                         "sam_start": 1}
+
+
+def _integer(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_sam_schedule(group: dict) -> None:
+    """``sam_ascent``, ``sam_warmup``, ``sam_interval`` and ``sam_start``, defaults filled in."""
+    for name, default in SAM_SCHEDULE_DEFAULTS.items():
+        group.setdefault(name, default)
+    group.setdefault("sam_clock", 0)  # step() calls of the group: the schedule's clock
+    # Momentum ascent's state (see momentum_ascent): the scale the weights hold, eval mode.
+    group.setdefault(SCALE, 0.0)
+    group.setdefault(EVALUATING, False)
+    if group["sam_ascent"] not in SAM_ASCENTS:
+        raise ValueError(f"sam_ascent must be 'gradient' (two gradients a step) or 'momentum' "
+                         f"(one gradient a step), got {group['sam_ascent']!r}")
+    _integer("sam_warmup", group["sam_warmup"], 0)
+    _integer("sam_interval", group["sam_interval"], 1)
+    _integer("sam_start", group["sam_start"], 1)
+
+
 def check_group(group: dict) -> None:
     """Validate one param group in place, normalising ``betas`` to the rule's code order."""
     update = group["update"]
@@ -109,6 +139,7 @@ def check_group(group: dict) -> None:
         if max_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_norm!r}")
         group["max_grad_norm"] = max_norm
+    check_sam_schedule(group)
     for name in ("no_prox", "sam_adaptive", "maximize"):
         if not isinstance(group[name], bool):
             raise ValueError(f"{name} must be True or False, got {group[name]!r}")

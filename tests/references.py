@@ -206,3 +206,88 @@ class ReferenceOptimizer:
                 st["slow"] = lookahead_sync(w, st["slow"], group["lookahead_alpha"])
                 w = st["slow"].clone()
             p.copy_(w)
+
+
+# ------------------------------------------------------------------------------ one-gradient
+# and scheduled sharpness-awareness
+
+
+class ScheduledReference(ReferenceOptimizer):
+    """``ReferenceOptimizer`` with the sharpness-aware schedule and momentum ascent.
+
+    Gradient ascent (two passes) runs on step t (1-based) when ``sam_rho > 0``, t is a multiple
+    of ``sam_interval`` and t >= ``sam_start``; other steps are plain. Momentum ascent (MSAM,
+    Becker et al., arXiv 2401.12033), literally: the model holds w~; a step takes the gradient
+    there, goes back to w = w~ + e, applies the update, then e' = s' m' (|w|-scaled form:
+    s' T^2 m', T = |w'| + eta) with s' = rho / (||m'|| + 1e-12) (||T m'||), 0 while
+    t <= ``sam_warmup``; w~' = w' - e'. The norm covers every parameter with a first moment.
+    """
+
+    DEFAULTS = dict(ReferenceOptimizer.DEFAULTS, sam_ascent="gradient", sam_warmup=0,
+                    sam_interval=1, sam_start=1)
+
+    def __init__(self, groups: list[dict], **defaults: object) -> None:
+        super().__init__(groups, **defaults)
+        self.t = 0
+        self.offsets: dict[int, Tensor] = {}  # e of each displaced parameter
+        self.closure_calls = 0
+
+    def _due(self, group: dict) -> bool:
+        return (group["sam_ascent"] == "gradient" and group["sam_rho"] > 0
+                and self.t % group["sam_interval"] == 0 and self.t >= group["sam_start"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> None:
+        self.t += 1
+
+        def counted() -> Tensor:
+            self.closure_calls += 1
+            return closure()
+
+        saved_rhos = [g["sam_rho"] for g in self.groups]
+        for g in self.groups:  # the parent runs two passes when any group has sam_rho > 0
+            g["sam_rho"] = g["sam_rho"] if self._due(g) else 0.0
+        if any(g["sam_rho"] > 0 for g in self.groups):
+            super().step(counted)
+            for g, rho in zip(self.groups, saved_rhos):
+                g["sam_rho"] = rho
+            return
+        for g, rho in zip(self.groups, saved_rhos):
+            g["sam_rho"] = rho
+        with torch.enable_grad():
+            counted()
+        pairs = self._with_grads()
+        grads = [p.grad for _, p in pairs]
+        if not math.isfinite(global_norm(grads)):
+            self.skipped += 1
+            return
+        everyone = [p for g in self.groups for p in g["params"]]
+        for p in everyone:  # back to w
+            if id(p) in self.offsets:
+                p.copy_(p + self.offsets[id(p)])
+        self.apply_update()
+        self._ascend()
+
+    def _ascend(self) -> None:
+        with_m = [(g, p) for g in self.groups for p in g["params"]
+                  if "m" in self.state[id(p)]["rule"]]
+        terms = []
+        for g, p in with_m:
+            m = self.state[id(p)]["rule"]["m"]
+            momentum = g["sam_ascent"] == "momentum" and g["sam_rho"] > 0
+            terms.append((p.abs() + g["sam_eta"]) * m if momentum and g["sam_adaptive"] else m)
+        norm = global_norm(terms)
+        self.offsets = {}
+        for g, p in with_m:
+            if not (g["sam_ascent"] == "momentum" and g["sam_rho"] > 0):
+                continue
+            s = 0.0 if self.t <= g["sam_warmup"] else g["sam_rho"] / (norm + SAM_NORM_EPS)
+            m = self.state[id(p)]["rule"]["m"]
+            e = s * (p.abs() + g["sam_eta"]) ** 2 * m if g["sam_adaptive"] else s * m
+            self.offsets[id(p)] = e
+            p.copy_(p - e)
+
+    def weights(self) -> list[Tensor]:
+        """The weights w (the model holds w~ between momentum-ascent steps)."""
+        return [p + self.offsets[id(p)] if id(p) in self.offsets else p.clone()
+                for g in self.groups for p in g["params"]]

@@ -1,0 +1,166 @@
+"""Momentum ascent (MSAM; Becker, Altrock, Risse, arXiv 2401.12033): SAM at one gradient a step.
+
+Between steps the model holds the ascent point ``w~ = w - e`` instead of ``w``, with
+
+    SAM form:   e = s m,          s = rho / (||m|| + 1e-12)
+    |w|-scaled: e = s T_w^2 m,    s = rho / (||T_w m|| + 1e-12),   T_w = |w| + eta
+
+where ``m`` is the rule's raw first moment (``exp_avg``: not bias-corrected, not
+preconditioned) and the norm is global over every parameter the optimizer updates (every
+group; every rank, through the optimizer's ``_norm_stats``). The loop's one forward/backward
+gives the gradient at ``w~``; the step goes back to ``w = w~ + e``, applies the rule there
+(decay, clipping, the non-finite skip as always) and ascends again from the new ``w`` and
+``m`` (``s = 0`` while the group's step count is at most ``sam_warmup``).
+
+What is kept between steps: per group, the scale ``s`` the weights hold (``ascent_scale``: a
+0-d float64 tensor, saved as a number); per parameter, nothing in the SAM form (``e`` is
+``s m``, recomputed from the unchanged ``m``), and ``e`` itself in the |w|-scaled form, since
+``T_w`` depends on the ``w`` that ``w~`` no longer shows (``ascent.offset``). While the
+optimizer is in eval mode the model holds ``w`` and each displaced parameter keeps its ``w~``
+(``ascent.point``), so ``train()`` returns to it bit for bit.
+
+A ``finite`` predicate (a 0-d bool tensor: the sync-free step's skip decision) makes both
+moves 0 where it is false, so a skipped step leaves ``w~`` and ``s`` exactly as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .dtensor import local, local_list
+from .sam import NORM_EPS, norm_terms, perturbation
+
+__all__ = ["SCALE", "OFFSET", "POINT", "EVALUATING", "ascends", "leave_", "take_",
+           "to_eval_", "to_train_"]
+
+SCALE = "ascent_scale"       # param group: the s the group's weights hold (0.0: none)
+EVALUATING = "ascent_eval"   # param group: the optimizer is in eval mode (weights at w)
+OFFSET = "ascent.offset"     # parameter state, |w|-scaled form: e
+POINT = "ascent.point"       # parameter state, eval mode only: a copy of w~
+
+
+def ascends(group: dict[str, Any]) -> bool:
+    """Whether ``group`` uses momentum ascent."""
+    return group.get("sam_ascent") == "momentum" and group["sam_rho"] > 0
+
+
+def _moment_key(group: dict[str, Any]) -> str:
+    return f"{group['update']}.exp_avg"  # every rule's first buffer is its first moment
+
+
+def _with_moment(state: dict[Tensor, dict[str, Any]], group: dict[str, Any]
+                 ) -> tuple[list[Tensor], list[Tensor]]:
+    """The group's parameters that have a first moment, and those moments."""
+    key = _moment_key(group)
+    params = [p for p in group["params"] if p in state and key in state[p]]
+    return params, [state[p][key] for p in params]
+
+
+def _held(group: dict[str, Any]) -> bool:
+    """Whether the group's weights may sit away from ``w`` (a scale was ever stored)."""
+    scale = group.get(SCALE, 0.0)
+    return isinstance(scale, Tensor) or scale != 0.0
+
+
+def _scale_tensor(group: dict[str, Any], device: torch.device) -> Tensor:
+    """The group's stored scale as a 0-d float64 tensor (a loaded number becomes one)."""
+    scale = group.get(SCALE, 0.0)
+    if not isinstance(scale, Tensor) or scale.device != device:
+        scale = group[SCALE] = torch.as_tensor(scale, dtype=torch.float64).to(device)
+    return scale
+
+
+def _offsets(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
+             params: list[Tensor], moments: list[Tensor]) -> list[Tensor | None]:
+    """``e`` of each parameter: kept (|w|-scaled form) or ``s m`` (computed now)."""
+    if group["sam_adaptive"]:
+        return [state[p].get(OFFSET) for p in params]
+    weights = local_list(params)
+    scale = _scale_tensor(group, weights[0].device) if weights else None
+    return [_upcast(local(m), w) * scale for w, m in zip(weights, moments)]
+
+
+def _upcast(m: Tensor, w: Tensor) -> Tensor:
+    # A state_dtype narrower than the weights: e is computed in the weights' precision.
+    return m if m.dtype == w.dtype else m.to(w.dtype)
+
+
+def leave_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
+           finite: Tensor | None = None) -> None:
+    """Move every displaced group's weights from ``w~`` back to ``w = w~ + e``."""
+    for group in groups:
+        if not _held(group):
+            continue
+        params, moments = _with_moment(state, group)
+        for p, e in zip(params, _offsets(state, group, params, moments)):
+            if e is not None:
+                local(p).add_(e if finite is None else torch.where(finite, e, 0.0))
+
+
+def take_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]], norm_stats,
+          finite: Tensor | None = None) -> None:
+    """After the update: ``s' = rho / ||m'||`` for every ascending group, ``w~' = w' - e'``.
+
+    ``norm_stats(tensors, owners)`` sums the packed norm statistics over every holder (the
+    optimizer's ``_norm_stats``): one reduction for the whole model.
+    """
+    ascending = [group for group in groups if ascends(group)]
+    if not ascending:
+        return
+    terms: list[Tensor] = []
+    owners: list[Tensor] = []
+    per_group = [_with_moment(state, group) for group in groups]
+    for group, (params, moments) in zip(groups, per_group):
+        adaptive = group["sam_adaptive"] and ascends(group)
+        terms += norm_terms(local_list(params), local_list(moments), adaptive=adaptive,
+                            eta=group["sam_eta"])
+        owners += params
+    if not terms:
+        return
+    norm = norm_stats(terms, owners)[0].sqrt()
+    for group, (params, moments) in zip(groups, per_group):
+        if not ascends(group) or not params:
+            continue
+        weights = local_list(params)
+        old = _scale_tensor(group, weights[0].device)
+        if group["sam_clock"] <= group["sam_warmup"]:
+            scale = torch.zeros_like(old)
+        else:
+            scale = group["sam_rho"] / (norm.to(old.device, torch.float64) + NORM_EPS)
+        group[SCALE] = scale if finite is None else torch.where(finite, scale, old)
+        for p, w, m in zip(params, weights, moments):
+            e = perturbation(w, _upcast(local(m), w), scale=scale,
+                             adaptive=group["sam_adaptive"], eta=group["sam_eta"])
+            if finite is not None:
+                e = torch.where(finite, e, 0.0)
+            if group["sam_adaptive"]:
+                kept = state[p].get(OFFSET)
+                state[p][OFFSET] = (e if finite is None or kept is None
+                                    else torch.where(finite, e, kept))
+            w.sub_(e)
+
+
+def to_eval_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """Eval mode: keep a copy of each displaced weight's ``w~`` and move it to ``w``."""
+    switching = [group for group in groups if not group.get(EVALUATING, False)]
+    for group in switching:
+        group[EVALUATING] = True
+        if _held(group):
+            for p in _with_moment(state, group)[0]:
+                state[p][POINT] = p.detach().clone()
+    leave_(state, switching)
+
+
+def to_train_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
+    """Train mode: every weight back at its ``w~``, bit for bit."""
+    for group in groups:
+        if not group.get(EVALUATING, False):
+            continue
+        group[EVALUATING] = False
+        for p in group["params"]:
+            point = state[p].pop(POINT, None) if p in state else None
+            if point is not None:
+                local(p).copy_(local(point))
