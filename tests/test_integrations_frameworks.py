@@ -1,0 +1,139 @@
+"""NeuroOptima inside the Hugging Face Trainer and accelerate, driven as their users drive them,
+compared with the plain ``step(closure)`` loop on the same batches. Tiny models, CPU, nothing
+downloaded; skipped where a framework is not installed."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from neurooptima import NeuroOptima
+
+HYPER = dict(lr=1e-2, weight_decay=0.01, sam_rho=0.05, lookahead_k=2)
+
+
+class Net(nn.Module):
+    """A model as Trainer expects one: keyword inputs, a dict with the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": nn.functional.mse_loss(self.body(x).squeeze(-1), labels)}
+
+
+def _samples(n: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 6, generator=gen)
+    y = x[:, 0] - 2 * x[:, 1] + 0.1 * torch.randn(n, generator=gen)
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def _reference(model: nn.Module, samples: list[dict], batch: int, **hyper) -> None:
+    """The plain loop: step(closure) on each batch of ``batch`` consecutive samples."""
+    optimizer = NeuroOptima(model.parameters(), **hyper)
+    for start in range(0, len(samples), batch):
+        chunk = samples[start:start + batch]
+        x = torch.stack([s["x"] for s in chunk])
+        y = torch.stack([s["labels"] for s in chunk])
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model(x, y)["loss"]
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+
+
+def _max_error(a: nn.Module, b: nn.Module) -> float:
+    return max(((p - q).abs().max() / q.abs().max()).item()
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
+# ------------------------------------------------------------------------ Hugging Face Trainer
+
+def _trainer(tmp_path, model, optimizer, samples, **args):
+    transformers = pytest.importorskip("transformers")
+    from neurooptima.integrations.transformers import SAMTrainer
+
+    class InOrder(SAMTrainer):  # the test replays the batches in order
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        lr_scheduler_type="constant", remove_unused_columns=False, **args)
+    return InOrder(model=model, args=arguments, train_dataset=samples,
+                   optimizers=(optimizer, None) if optimizer is not None else (None, None))
+
+
+def test_trainer_sam_with_accumulation_equals_step_closure(tmp_path):
+    """gradient_accumulation_steps=2: each optimizer step sees 2 micro-batches of 4 in both
+    SAM passes, as step(closure) on the batch of 8; Trainer's clipping (max_grad_norm=1.0)
+    acts on the update gradient as NeuroOptima's max_grad_norm does."""
+    samples = _samples(24)
+    model = Net()
+    reference = copy.deepcopy(model)
+    optimizer = NeuroOptima(model.parameters(), **HYPER)
+    trainer = _trainer(tmp_path, model, optimizer, samples, gradient_accumulation_steps=2,
+                       max_grad_norm=1.0, num_train_epochs=1)
+    trainer.train()
+    assert trainer.state.global_step == 3
+    _reference(reference, samples, batch=8, max_grad_norm=1.0, **HYPER)
+    assert _max_error(model, reference) < 1e-6
+    assert _max_error(model, Net()) > 1e-3  # it trained
+
+
+def test_trainer_without_sam_is_plain_trainer(tmp_path):
+    samples = _samples(8)
+    model = Net()
+    reference = copy.deepcopy(model)
+    hyper = dict(HYPER, sam_rho=0.0)
+    trainer = _trainer(tmp_path, model, NeuroOptima(model.parameters(), **hyper), samples,
+                       max_grad_norm=0.0, num_train_epochs=1)
+    trainer.train()
+    _reference(reference, samples, batch=4, **hyper)
+    assert _max_error(model, reference) < 1e-6
+
+
+def test_trainer_optimizer_cls_and_kwargs_takes_weight_decay_from_args(tmp_path):
+    """Trainer's own convention, stated in docs/integrations.md: its two param groups get
+    args.weight_decay (default 0.0) and 0.0, whatever the kwargs say; lr comes from kwargs."""
+    transformers = pytest.importorskip("transformers")
+    from neurooptima.integrations.transformers import SAMTrainer
+
+    arguments = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                               report_to=[], weight_decay=0.05)
+    trainer = SAMTrainer(model=Net(), args=arguments, train_dataset=_samples(4),
+                         optimizer_cls_and_kwargs=(NeuroOptima, dict(lr=1e-3,
+                                                                      weight_decay=0.01)))
+    optimizer = trainer.create_optimizer()
+    assert sorted(g["weight_decay"] for g in optimizer.param_groups) == [0.0, 0.05]
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-3}
+
+
+@pytest.mark.parametrize("setting, words", [
+    (dict(is_deepspeed_enabled=True), "DeepSpeed engine steps the optimizer"),
+    (dict(is_fsdp_enabled=True), "FSDP"),
+    (dict(scaler=object()), "fp16=True"),
+    (dict(n_gpu=2), "DataParallel"),
+])
+def test_trainer_combinations_that_cannot_be_exact_are_refused(setting, words):
+    pytest.importorskip("transformers")
+    from neurooptima.integrations.transformers import SAMTrainerError, _check_exact
+
+    trainer = types.SimpleNamespace(
+        args=types.SimpleNamespace(n_gpu=setting.get("n_gpu", 1)),
+        accelerator=types.SimpleNamespace(scaler=setting.get("scaler")),
+        is_deepspeed_enabled=setting.get("is_deepspeed_enabled", False),
+        is_fsdp_enabled=setting.get("is_fsdp_enabled", False))
+    with pytest.raises(SAMTrainerError, match=words) as info:
+        _check_exact(trainer)
+    assert "sam_ascent='momentum'" in str(info.value)
