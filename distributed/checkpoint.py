@@ -29,6 +29,8 @@ from neurooptima.functional import state_keys
 from neurooptima.state_validation import rule_mismatch
 from neurooptima.validation import check_group
 
+from neurooptima.momentum_ascent import OFFSET, POINT
+
 from .sharded import HYPER_KEYS, MASTER, ShardedNeuroOptima
 
 __all__ = ["sharded_state_dict", "save_checkpoint", "load_checkpoint"]
@@ -73,6 +75,9 @@ def _groups_json(optimizer: ShardedNeuroOptima) -> str:
         if packed["state_dtype"] is not None:  # JSON has no dtype: "bfloat16" and back
             packed["state_dtype"] = str(packed["state_dtype"]).removeprefix("torch.")
         packed["skipped_steps"] = int(group["skipped_steps"])  # a device tensor after a fused step
+        packed["sam_clock"] = int(group["sam_clock"])
+        packed["ascent_scale"] = float(group["ascent_scale"])  # float64 0-d tensor: exact
+        packed["ascent_eval"] = bool(group["ascent_eval"])
         packed["num_params"] = len(group["params"])
         groups.append(packed)
     return json.dumps({"param_groups": groups, "saved_world_size": optimizer.world_size,
@@ -141,6 +146,8 @@ def _saved_groups(optimizer: ShardedNeuroOptima, checkpoint_id) -> list[dict[str
             new["state_dtype"] = dtype
         check_group(new)
         new["skipped_steps"] = saved_group["skipped_steps"]
+        for key, default in (("sam_clock", 0), ("ascent_scale", 0.0), ("ascent_eval", False)):
+            new[key] = saved_group.get(key, default)  # older checkpoints lack them
         checked.append(new)
     return checked
 
@@ -160,7 +167,7 @@ def _check_entries(optimizer: ShardedNeuroOptima, groups: list[dict[str, Any]],
             index += 1
     for index, keys in saved.items():
         slot, rule = slots[index], rule_of[index]
-        allowed = set(state_keys(rule)) | {"lookahead.slow", MASTER}
+        allowed = set(state_keys(rule)) | {"lookahead.slow", MASTER, OFFSET, POINT}
         for key, meta in keys.items():
             if key == "step":
                 continue

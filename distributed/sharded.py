@@ -37,7 +37,7 @@ from neurooptima import NeuroOptima, reduced_state
 from neurooptima.optimizer import _tensor_step, run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.optimizer import CLIP_EPS
-from neurooptima.sam import norm_terms, perturb_
+from neurooptima.sam import gradient_due, norm_terms, perturb_
 from neurooptima.state_validation import check_state_dict
 from neurooptima.validation import check_group, prepare_group
 
@@ -57,7 +57,11 @@ SAM_MODES = ("global", "local")
 # Every per-group setting of NeuroOptima; ``skipped_steps`` is a counter, not a setting.
 HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha", "betas", "eps",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
-              "maximize", "foreach", "fused", "state_dtype")
+              "maximize", "foreach", "fused", "state_dtype", "sam_ascent", "sam_warmup",
+              "sam_interval", "sam_start")
+# What the inner optimizer advances per group between steps (counters, momentum ascent's scale
+# and mode); mirrored here so that state dicts and checkpoints carry them.
+STEP_KEYS = ("skipped_steps", "sam_clock", "ascent_scale", "ascent_eval")
 
 class _ShardOptimizer(NeuroOptima):
     """NeuroOptima over this rank's chunks; norm statistics are summed over the group."""
@@ -117,8 +121,10 @@ class ShardedNeuroOptima(Optimizer):
             each submodule's forward waits for its own weights (needs ``module``; see
             ``weight_gather``).
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
-        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype:
-            as ``NeuroOptima``; with ``fused=True`` the compiled kernel runs once per gradient
+        no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype,
+        sam_ascent, sam_warmup, sam_interval, sam_start:
+            as ``NeuroOptima`` (momentum ascent perturbs this rank's (master) chunks and the
+            all-gather ships ``w~``; its norm is local sums plus one scalar all-reduce); with ``fused=True`` the compiled kernel runs once per gradient
             bucket on this rank's chunks, which are already consecutive views of one buffer;
             ``state_dtype`` stores this rank's chunks of the rule buffers in that dtype.
 
@@ -146,7 +152,8 @@ class ShardedNeuroOptima(Optimizer):
                  sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None) -> None:
+                 state_dtype: torch.dtype | None = None, sam_ascent: str = "gradient",
+                 sam_warmup: int = 0, sam_interval: int = 1, sam_start: int = 1) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedNeuroOptima needs an initialized process group: call "
                                "torch.distributed.init_process_group() first (e.g. under "
@@ -178,7 +185,8 @@ class ShardedNeuroOptima(Optimizer):
                         eps=eps, update=update, beta_diff=beta_diff, no_prox=no_prox,
                         sam_adaptive=sam_adaptive, sam_eta=sam_eta, max_grad_norm=max_grad_norm,
                         maximize=maximize, foreach=foreach, fused=fused,
-                        state_dtype=state_dtype)
+                        state_dtype=state_dtype, sam_ascent=sam_ascent, sam_warmup=sam_warmup,
+                        sam_interval=sam_interval, sam_start=sam_start)
         check_group(dict(defaults))
         self._constructed = False
         self._sam_phase: str | None = None  # None, "global" or "local" between the passes
@@ -342,7 +350,38 @@ class ShardedNeuroOptima(Optimizer):
 
     @property
     def sam_enabled(self) -> bool:
-        return any(group["sam_rho"] > 0 for group in self.param_groups)
+        """Whether gradient-ascent SAM (two gradients) runs on some steps."""
+        return any(group["sam_rho"] > 0 and group["sam_ascent"] == "gradient"
+                   for group in self.param_groups)
+
+    @property
+    def sam_due(self) -> bool:
+        """Whether the coming step runs gradient-ascent SAM (two passes); every rank agrees."""
+        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.param_groups)
+
+    # ---------------------------------------------------------------- momentum ascent
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Every rank's model to the weights ``w`` (momentum ascent; else a no-op); a
+        collective call. ``train()`` goes back to ``w~`` bit for bit."""
+        self._move_between_points(self._inner.eval)
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Back to the momentum-ascent point after ``eval()``; a collective call."""
+        self._move_between_points(self._inner.train)
+
+    def _move_between_points(self, move: Callable[[], None]) -> None:
+        if self._sam_phase is not None:
+            raise RuntimeError("eval()/train() between first_step() and second_step()")
+        self._sync_groups_to_inner()
+        self._pull_chunks()
+        before = [group["ascent_eval"] for group in self._inner.param_groups]
+        move()
+        self._sync_groups_from_inner()
+        if before != [group["ascent_eval"] for group in self._inner.param_groups]:
+            self._gather_weights()
 
     @property
     def in_second_pass(self) -> bool:
@@ -365,7 +404,7 @@ class ShardedNeuroOptima(Optimizer):
 
     def _holds_first_pass(self) -> bool:
         # SAM-local's first pass perturbs with the local gradient: nothing to reduce.
-        return self.sam_mode == "local" and self._sam_phase is None and self.sam_enabled
+        return self.sam_mode == "local" and self._sam_phase is None and self.sam_due
 
     def _finish_reduction(self) -> None:
         self._sync.reduce(self._chunks)
@@ -477,14 +516,14 @@ class ShardedNeuroOptima(Optimizer):
 
     def _sync_groups_to_inner(self) -> None:
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
-            for key in HYPER_KEYS:
+            for key in HYPER_KEYS + STEP_KEYS:
                 if key in outer:  # groups saved before an option existed lack it
                     inner[key] = outer[key]
-            inner["skipped_steps"] = outer["skipped_steps"]
 
     def _sync_groups_from_inner(self) -> None:
         for outer, inner in zip(self.param_groups, self._inner.param_groups):
-            outer["skipped_steps"] = inner["skipped_steps"]
+            for key in STEP_KEYS:
+                outer[key] = inner[key]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._discard_pending()
@@ -528,7 +567,7 @@ class ShardedNeuroOptima(Optimizer):
         if not finite:
             return  # the second pass runs at w on this rank
         for group, (params, grads) in zip(self.param_groups, per_group):
-            if group["sam_rho"] > 0:
+            if gradient_due(group, group["sam_clock"] + 1):
                 perturb_(params, grads, rho=group["sam_rho"], norm=norm,
                          adaptive=group["sam_adaptive"], eta=group["sam_eta"])
 
@@ -546,6 +585,8 @@ class ShardedNeuroOptima(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One optimization step on every rank; returns the closure's (first-pass) loss."""
+        if self._sam_phase is None:
+            self._inner._check_training()
         return run_step(self, closure, self._finish_step)
 
     def _finish_step(self) -> None:

@@ -611,12 +611,12 @@ class NeuroOptima(Optimizer):
         ascent goes back to ``w`` and ascends again around the update)."""
         if self._sam_phase is not None:
             self._restore()
-        for group in self.param_groups:
-            group["sam_clock"] += 1
         self._update()
 
     def _update(self) -> None:
         """Check, clip and apply the update rule to every parameter that has a gradient."""
+        for group in self.param_groups:
+            group["sam_clock"] += 1  # applied or skipped, the step counts for the schedule
         try:
             self._check_and_apply()
         finally:

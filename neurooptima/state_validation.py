@@ -20,7 +20,7 @@ from .functional import UPDATE_RULES, state_keys
 __all__ = ["check_state_dict", "check_not_foreign", "rule_mismatch", "record_state_count",
            "check_state_count", "check_load", "STATE_COUNT"]
 
-_SHAPED_LIKE_PARAM = ("lookahead.slow",)  # besides the rule's buffers
+_SHAPED_LIKE_PARAM = ("lookahead.slow", "ascent.offset", "ascent.point")  # besides the buffers
 
 
 def rule_mismatch(index: int, saved: str, current: str) -> str:
