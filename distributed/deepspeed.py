@@ -50,12 +50,13 @@ from torch import Tensor
 
 from neurooptima import NeuroOptima
 from neurooptima.norms import local_norm_stats, norm_from_stats
-from neurooptima.sam import norm_terms, perturb_
+from neurooptima.sam import gradient_due, norm_terms, perturb_
 
-from .collectives import all_gather_flat, all_reduce_norm_stats, wait
+from .collectives import all_reduce_norm_stats
+from .deepspeed_zero import ZeroPartitions
 
-__all__ = ["initialize", "sam_step", "EngineNeuroOptima", "disable_jit_ops", "split_config",
-           "CONFIG_TYPE", "SAM_MODES"]
+__all__ = ["initialize", "sam_step", "eval_mode", "train_mode", "EngineNeuroOptima",
+           "disable_jit_ops", "split_config", "CONFIG_TYPE", "SAM_MODES"]
 
 CONFIG_TYPE = "NeuroOptima"
 SAM_MODES = ("global", "local")
@@ -93,10 +94,15 @@ def disable_jit_ops() -> None:
 
 
 class EngineNeuroOptima(NeuroOptima):
-    """NeuroOptima as DeepSpeed steps it: once per group, on flat partitions, with no closure.
+    """NeuroOptima as DeepSpeed steps it: on flat fp32 partitions, with no closure.
 
-    Hyperparameters and state names are the core's. SAM settings stay in the param groups for
-    ``sam_step``; ``step()`` only applies the update. Build it through ``initialize``.
+    Hyperparameters and state names are the core's. Gradient-ascent SAM settings stay in the
+    param groups for ``sam_step``; ``step()`` applies the update, with momentum ascent around it
+    (``sam_ascent="momentum"``). Under ZeRO with several (sub-)groups DeepSpeed steps the
+    client once per partition; the optimizer keeps each call's partition and gradient and
+    steps all of them at the last call, so the non-finite skip, the schedule's clock and
+    momentum ascent's norm are one over every group (and, through the all-reduce, every rank),
+    as in one process. Build it through ``initialize``.
     """
 
     def __init__(self, params, *, sam_mode: str = "global", **kwargs: Any) -> None:
@@ -107,6 +113,12 @@ class EngineNeuroOptima(NeuroOptima):
         self.sam_mode = sam_mode
         # Set by initialize under ZeRO, where each rank sees only its partition's gradients.
         self.dp_group: Any = None
+        # Set by initialize under ZeRO: the master partitions DeepSpeed steps.
+        self.partitions: ZeroPartitions | None = None
+        # The full list of groups (ZeRO 1/2 swap in one group per call).
+        self.all_groups = self.param_groups
+        # id(partition) -> (partition, gradient): the calls of this engine step so far.
+        self._pending: dict[int, tuple[Tensor, Tensor | None]] = {}
         # The model parameters and their groups, kept before DeepSpeed swaps in partitions.
         self.model_params: list[tuple[Tensor, dict[str, Any]]] = [
             (p, group) for group in self.param_groups for p in group["params"]]
@@ -121,12 +133,62 @@ class EngineNeuroOptima(NeuroOptima):
         # DeepSpeed calls step() without a closure; SAM runs around the engine in sam_step.
         return False
 
+    @property
+    def sam_due(self) -> bool:
+        # The engine's step applies the update only; sam_step runs the two passes.
+        return False
+
+    @property
+    def engine_sam_due(self) -> bool:
+        """Whether the coming engine step runs gradient-ascent SAM (two passes in sam_step)."""
+        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.all_groups)
+
     def _reduce_norm_stats(self, stats: Tensor) -> Tensor:
         # Every rank steps the same groups in the same order, so one all-reduce per call keeps
         # the non-finite skip one decision for all partitions.
         if self.dp_group is not None:
             all_reduce_norm_stats(stats, group=self.dp_group)
         return stats
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        if closure is not None:
+            raise ValueError("EngineNeuroOptima is stepped by the DeepSpeed engine without a "
+                             "closure; use engine.step(), or sam_step(engine, closure) for SAM")
+        parts = self.partitions
+        if parts is None or parts.calls_per_step == 1:
+            return super().step()
+        for group in self.param_groups:
+            for flat in group["params"]:
+                self._pending[id(flat)] = (flat, flat.grad)
+        if id(parts.flats[-1]) not in self._pending:
+            return None  # DeepSpeed drops each gradient after its call; we keep a reference
+        pending, self._pending = self._pending, {}
+        shown = self.param_groups
+        self.param_groups = self.all_groups
+        try:
+            with parts.shown(self.all_groups):
+                for flat, grad in pending.values():
+                    flat.grad = grad
+                super().step()
+        finally:
+            self.param_groups = shown
+            for flat, _ in pending.values():
+                if flat is not parts.flats[-1]:
+                    flat.grad = None  # DeepSpeed frees the last call's gradient itself
+        # DeepSpeed copied the earlier partitions to the model before they moved; it copies
+        # the last one (and publishes every one) after this call returns.
+        parts.copy_to_model(list(range(parts.calls_per_step - 1)))
+        return None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch's load builds new param group dicts: follow them (the schedule's clock, the
+        # ascent scale and every hyperparameter live there).
+        old = {id(group): i for i, group in enumerate(self.all_groups)}
+        super().load_state_dict(state_dict)
+        self.all_groups = self.param_groups
+        self.model_params = [(p, self.all_groups[old[id(group)]])
+                             for p, group in self.model_params]
 
     @torch.no_grad()
     def _update(self) -> None:
@@ -257,8 +319,10 @@ def initialize(args=None, model=None, model_parameters=None, config=None, **kwar
     result = deepspeed.initialize(args=args, model=model, model_parameters=model_parameters,
                                   config=ds_config, **kwargs)
     engine = result[0]
-    if engine.zero_optimization_stage() > 0:
+    stage = engine.zero_optimization_stage()
+    if stage > 0:
         optimizer.dp_group = engine.optimizer.dp_process_group
+        optimizer.partitions = ZeroPartitions(engine.optimizer, stage)
     return result
 
 
@@ -302,7 +366,7 @@ def _owned_stage12(optimizer: EngineNeuroOptima) -> list[_Owned]:
     return owned
 
 
-def _owned_stage3(optimizer: EngineNeuroOptima, with_grads: bool = True) -> list[_Owned]:
+def _owned_stage3(optimizer: EngineNeuroOptima) -> list[_Owned]:
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     owned = []
@@ -311,7 +375,7 @@ def _owned_stage3(optimizer: EngineNeuroOptima, with_grads: bool = True) -> list
         # The last ranks' partitions end in padding; keep the real elements only.
         start = dist.get_rank(group=p.ds_process_group) * part
         real = max(0, min(part, p.ds_numel - start))
-        grad = safe_get_local_grad(p) if with_grads else p.ds_tensor
+        grad = safe_get_local_grad(p)
         if real == 0 or grad is None:
             continue
         owned.append(_Owned(grad.view(-1)[:real], safe_get_local_fp32_param(p).view(-1)[:real],
@@ -334,53 +398,32 @@ def _norm(owned: list[_Owned], group) -> tuple[float, bool]:
 @torch.no_grad()
 def _perturb(owned: list[_Owned], norm: float) -> None:
     for o in owned:
-        if o.group["sam_rho"] == 0:
-            continue
+        if not gradient_due(o.group, o.group["sam_clock"] + 1):
+            continue  # the norm is every group's, the move only where SAM runs this step
         w = o.weight.float().clone()  # the master value, so low-precision targets get w + e
         perturb_([w], [o.grad.float()], rho=o.group["sam_rho"], norm=norm,
                  adaptive=o.group["sam_adaptive"], eta=o.group["sam_eta"])
         o.target.copy_(w)
 
 
-@torch.no_grad()
-def _publish(engine, stage: int) -> None:
+def _publish(optimizer: EngineNeuroOptima) -> None:
     """Make every rank's forward pass read the weights owners just wrote into partitions."""
-    zero = engine.optimizer
-    if stage in (1, 2):
-        for i, flat in enumerate(zero.bit16_groups_flat):
-            group = zero.real_dp_process_group[i]
-            own = zero.parallel_partitioned_bit16_groups[i][dist.get_rank(group=group)]
-            wait(all_gather_flat(flat, own.clone(), group=group), None,
-                 "all-gather of the perturbed weights")
-    elif stage == 3:
-        # As step() does: drop every gathered copy (the forward re-gathers from the
-        # partitions), then re-gather the persistent (small) parameters kept between steps.
-        zero.parameter_offload.partition_all_parameters()
-        if zero.persistent_parameters:
-            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
-
-
-def _owned_weights_stage12(optimizer: EngineNeuroOptima) -> list[_Owned]:
-    # The owned fragments without gradients (DeepSpeed frees them in step).
-    return [_Owned(m.hp_fragment, m.hp_fragment.view(-1), m.lp_fragment, group)
-            for p, group in optimizer.model_params
-            if (m := getattr(p, "_hp_mapping", None)) is not None]
+    if optimizer.partitions is not None:  # stage 0: the model's own tensors were written
+        optimizer.partitions.publish()
 
 
 @torch.no_grad()
-def _restore_from_masters(engine, optimizer: EngineNeuroOptima, stage: int) -> None:
-    owned = (_owned_stage3(optimizer, with_grads=False) if stage == 3
-             else _owned_weights_stage12(optimizer))
-    for o in owned:
-        o.target.copy_(o.weight)
-    _publish(engine, stage)
+def _restore_from_masters(optimizer: EngineNeuroOptima) -> None:
+    optimizer.partitions.copy_to_model()
+    optimizer.partitions.publish()
 
 
 def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
     """One SAM (or ASAM) step of a DeepSpeed engine; returns the first pass's loss.
 
     ``closure`` runs the forward pass and returns the loss; ``sam_step`` calls backward itself
-    (twice) and finally ``engine.step()``. With every group's ``sam_rho`` at 0 it is one plain
+    (twice) and finally ``engine.step()``. On a step where gradient-ascent SAM is not due
+    (``sam_rho`` 0, momentum ascent, or ``sam_interval``/``sam_start`` say so) it is one plain
     forward, backward and step.
     """
     optimizer = _client(engine)
@@ -392,7 +435,7 @@ def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
     mode = optimizer.sam_mode
     if mode == "local" and stage not in LOCAL_STAGES:
         raise ValueError(_LOCAL_STAGE_ERROR.format(stage=stage))
-    if all(group["sam_rho"] == 0 for _, group in optimizer.model_params):
+    if not optimizer.engine_sam_due:  # the decision comes from the step count: same on all ranks
         loss = closure()
         engine.backward(loss)
         engine.step()
@@ -416,7 +459,7 @@ def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
             origins = [(o.target, o.target.clone()) for o in owned]
         _perturb(owned, norm)
         if mode == "global":
-            _publish(engine, stage)
+            _publish(optimizer)
     del owned
     engine.optimizer.zero_grad()
     engine.backward(closure())
@@ -427,5 +470,41 @@ def sam_step(engine, closure: Callable[[], Tensor]) -> Tensor:
     engine.step()
     if perturbed and stage > 0 and not engine.was_step_applied():
         # The step was skipped, so nothing rewrote the perturbed weights from the masters.
-        _restore_from_masters(engine, optimizer, stage)
+        _restore_from_masters(optimizer)
     return loss
+
+
+# -------------------------------------------------------------------------------- eval / train
+
+
+def eval_mode(engine) -> None:
+    """Momentum ascent: move the engine's model from the ascent point ``w~`` to ``w`` (for
+    evaluation, export or averaging); ``train_mode`` goes back bit for bit.
+
+    Collective under ZeRO (every rank calls it): each rank moves the fp32 master partitions it
+    owns, copies them to the model's partitions and publishes them as a step does. A no-op
+    where no group uses momentum ascent. A step in eval mode is an error. Only the weights
+    move: the module's own ``train()``/``eval()`` (dropout, BatchNorm) stay the caller's.
+    """
+    _switch(engine, evaluating=True)
+
+
+def train_mode(engine) -> None:
+    """Back to the ascent point after ``eval_mode``; a no-op in training mode."""
+    _switch(engine, evaluating=False)
+
+
+@torch.no_grad()
+def _switch(engine, *, evaluating: bool) -> None:
+    optimizer = _client(engine)
+    if not any(group["sam_ascent"] == "momentum" for group in optimizer.all_groups):
+        return  # the model holds w already (decided from the config: alike on every rank)
+    switch = optimizer.eval if evaluating else optimizer.train
+    parts = optimizer.partitions
+    if parts is None:  # stage 0: the optimizer steps the model's own tensors
+        switch()
+        return
+    with parts.shown(optimizer.all_groups):
+        switch()
+    parts.copy_to_model()
+    parts.publish()
