@@ -118,7 +118,8 @@ class ShardedNeuroOptima(Optimizer):
             broadcast from the group's first rank before every training forward, as DDP does.
         broadcast_buffers: switch for the above (needs ``module``).
         overlap_param_gather: return from ``step()`` with the weights' all-gather in flight;
-            each submodule's forward waits for its own weights (needs ``module``; see
+            every read of a weight in a forward waits for its gather, and an in-place edit
+            of a weight still in flight raises (needs ``module``; the contract is in
             ``weight_gather``).
         lr, weight_decay, sam_rho, lookahead_k, lookahead_alpha, betas, eps, update, beta_diff,
         no_prox, sam_adaptive, sam_eta, max_grad_norm, maximize, foreach, fused, state_dtype,
@@ -504,8 +505,9 @@ class ShardedNeuroOptima(Optimizer):
         self._weights.gather()
 
     def wait_for_weights(self) -> None:
-        """With ``overlap_param_gather``: wait until every updated weight is in the module
-        (the forward and ``module.state_dict()`` do this by themselves)."""
+        """With ``overlap_param_gather``: wait until every updated weight is in the module.
+        Forwards and ``state_dict()`` wait by themselves; call this before reading or editing
+        weights outside a forward (``copy.deepcopy``, ``parameters_to_vector``, ``p.clamp_``)."""
         self._weights.flush()
 
     def _pull_chunks(self) -> None:
