@@ -5,7 +5,7 @@
 
 Writes ``<results>/REPORT.md`` (everything: tables, plots, learning-rate searches) and replaces
 the text between ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` in README.md with
-a short block (at most 20 lines): the verdict on the three announced claims and a link to
+a short block (at most 60 lines): the verdict on the three announced claims and a link to
 REPORT.md. Every number in both comes from the JSON files through the
 formatting functions below; nothing is typed by hand. Known files get their own sections
 (``convergence.json``, ``communication.json``, ``sharded.json``); any other JSON holding a list
@@ -32,6 +32,9 @@ BEGIN = "<!-- benchmarks:begin -->"
 END = "<!-- benchmarks:end -->"
 NEURO_RULES = ("adan", "lion", "lion_adan")
 SUITE_KEY = "suite"  # load_results' key for the time-to-target suite's records
+# The suite's record folder under the results: warm-up + cosine protocol only (the earlier
+# constant-LR records are retired from the report; git history keeps them).
+SUITE_DIR = "suite_cosine"
 # The three claims NeuroOptima was announced with; the suite's verdict table answers each.
 CLAIMS = ("faster convergence: target in 20 epochs where Adam needs 30",
           "better generalization: 92 % vs 89 % test accuracy",
@@ -437,10 +440,10 @@ def generic_section(name: str, data) -> str | None:
 
 def load_results(results: Path) -> dict[str, object]:
     """Every JSON in ``results`` by file name, and under ``SUITE_KEY`` the analysis of the
-    time-to-target suite's records in ``results/suite`` (when there are any)."""
+    time-to-target suite's records in ``results/<SUITE_DIR>`` (when there are any)."""
     loaded: dict[str, object] = {p.name: json.loads(p.read_text())
                                  for p in sorted(results.glob("*.json"))}
-    folder = results / "suite"
+    folder = results / SUITE_DIR
     if folder.is_dir() and any(folder.glob("*.jsonl")):
         import suite
         import suite_report
@@ -471,7 +474,7 @@ def render(results: dict[str, object], detail: bool) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-README_BLOCK_MAX_LINES = 20
+README_BLOCK_MAX_LINES = 60
 
 
 def claims_rows(results: dict[str, object]) -> list[list[str]]:
@@ -497,6 +500,10 @@ def readme_block(results: dict[str, object]) -> str:
     if suite:
         import suite_report
         lines += ["", suite_report.status_line(suite)]
+        charts = suite_report.readme_charts(suite)
+        if charts:
+            lines += ["", "The announcement's three comparisons on the generalization-bound "
+                      "workload (every workload, with error bars: REPORT.md):", ""] + charts
     lines.append(END)
     block = "\n".join(lines)
     assert block.count("\n") + 1 <= README_BLOCK_MAX_LINES, "README block must stay short"

@@ -35,12 +35,12 @@ def plan(mode: str, out: Path) -> list[tuple[str, list[str]]]:
     """(name, command) of each benchmark in ``mode``."""
     suite = [PY, str(BENCH / "suite.py")]
     if mode == "smoke":
-        return [("suite", suite + ["--profile", "quick", "--out", str(out / "suite")])]
+        return [("suite", suite + ["--profile", "quick", "--out", str(out / "suite_cosine")])]
     quick = ["--quick"] if mode == "quick" else []
     return [
         # full: runs or resumes the whole time-to-target suite (hours on two cores; it skips
-        # every run already recorded in benchmarks/results/suite/)
-        ("suite", suite + (["--profile", "quick", "--out", str(out / "suite")] if quick
+        # every run already recorded in benchmarks/results/suite_cosine/)
+        ("suite", suite + (["--profile", "quick", "--out", str(out / "suite_cosine")] if quick
                            else [])),
         ("communication", [PY, str(BENCH / "communication.py"), *quick,
                            "--out", str(out / "communication.json")]),

@@ -1,5 +1,6 @@
-"""Time-to-target suite: workloads that train to real accuracy, candidates tuned until their best
-learning rate is interior, one stored record per run.
+"""Time-to-target suite: workloads that train to real accuracy, every candidate trained the way
+people train (linear warm-up, cosine decay) on the same budget of gradient evaluations, tuned
+until its best learning rate (and rho) is interior, one stored record per run.
 
     python benchmarks/suite.py                          # run (or resume) the full suite
     python benchmarks/suite.py --budget-minutes 30      # start no new run after 30 minutes
@@ -8,24 +9,34 @@ learning rate is interior, one stored record per run.
 
 Protocol (the same for every candidate; AlgoPerf-style, sized for two CPU cores):
 
-1. Learning rate: runs with the selection seed (1000) over the whole step budget on a ladder
-   of half-decade points (..., 1e-3, 3.16e-3, 1e-2, ...). It starts with three points around the
+1. Budget: a workload's budget is ``epochs x steps per epoch`` gradient evaluations, the same
+   for every candidate. A candidate that evaluates more than one gradient on some steps gets
+   fewer steps (SAM on every step: half; SAM on every k-th step: k/(k+1); SAM from a fraction f
+   of its steps on: 1/(2-f)), the most whose gradient evaluations fit the budget. Its learning
+   rate follows its own schedule over its own steps: linear warm-up over the first 5 %, then
+   cosine decay to 0 at its last step (tuning runs too). Gradient evaluations are counted
+   (``training_step.train_step``), never assumed.
+2. Learning rate: runs with the selection seed (1000) over the whole budget on a ladder of
+   half-decade points (..., 1e-3, 3.16e-3, 1e-2, ...). It starts with three points around the
    candidate's usual value and widens by one point beyond whichever edge holds the best final
    validation metric, until the best is interior or ``MAX_LR_TRIALS`` points have run (a
-   diverged run scores worst). Candidates whose rho is tuned (SAM(AdamW)) then try the other
-   values of ``RHO_GRID`` at the chosen learning rate. Tuning budget, the same for everyone: at
-   most ``MAX_LR_TRIALS`` learning rates (+ ``len(RHO_GRID) - 1`` rho values where rho is tuned).
-2. Evaluation: seeds 0..``seeds - 1`` at the chosen setting, the whole budget; the validation
-   metric every ``eval_every`` steps (with the CPU seconds of training so far), the test metric
-   at half the steps and at the end. Constant learning rate, so a run's first half is a complete
-   shorter run: a SAM row (two gradient evaluations per step) read at half its steps has spent
-   the gradient evaluations of a plain run.
+   diverged run scores worst). Candidates with a rho then search ``RHO_LADDER`` the same way at
+   the chosen learning rate (three points around their usual rho, widened until interior, at
+   most ``MAX_RHO_TRIALS``). The tuning budget is the same for every candidate with a rho.
+3. Evaluation: seeds 0..``seeds - 1`` at the chosen setting, the whole budget; the validation
+   metric at ``evals`` evenly spaced points of the gradient budget (with the gradient
+   evaluations and CPU seconds of training so far), the test metric at the fractions
+   ``test_at`` of the budget and at the end, the training metric at the end (the
+   generalization gap). Candidates that hold an ascent point between steps (momentum ascent,
+   MSAM) are evaluated at w: ``optimizer.eval()`` before, ``optimizer.train()`` after.
 
-Every run is one JSON line in ``<out>/<workload>.jsonl`` (default ``benchmarks/results/suite``),
-keyed by (workload, candidate, lr, rho, seed); a run whose record exists is never repeated, so
-the suite is built in several sittings and any part can be re-run by deleting its lines.
-Targets, times to target, verdicts and plots are computed from the records by
-``suite_report.py`` (and ``report.py``), never stored.
+Every run is one JSON line in ``<out>/<workload>.jsonl`` (default
+``benchmarks/results/suite_cosine``), keyed by (workload, candidate, lr, rho, seed); a run
+whose record exists is never repeated, so the suite is built in several sittings and any part
+can be re-run by deleting its lines. Targets, times to target, verdicts and plots are computed
+from the records by ``suite_report.py`` (and ``report.py``), never stored. A candidate whose
+NeuroOptima arguments the installed NeuroOptima does not accept is skipped with a line saying
+which.
 
 CPU seconds are the process's CPU time spent in training steps (``time.process_time``, one
 thread), which a loaded shared machine disturbs far less than wall time.
@@ -43,34 +54,43 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as nnf
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make launch/ importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # run as a script: launch/ and siblings importable
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from launch.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
 from launch.models import build_model  # noqa: E402
 from neurooptima import NeuroOptima  # noqa: E402
-from neurooptima.validation import DEFAULT_LR as RULE_LR  # noqa: E402
-from convergence import _train_step  # noqa: E402  (one SAM-aware training step for both)
+from msam_adamw import MSAMAdamW  # noqa: E402
+from training_step import augment, loss_fn, train_step, warmup_cosine, warmup_steps  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "suite"
+RESULTS = ROOT / "benchmarks" / "results" / "suite_cosine"
 SELECTION_SEED = 1000          # learning-rate and rho search; never an evaluation seed
 MAX_LR_TRIALS = 7
-RHO_GRID = (0.02, 0.05, 0.1, 0.2)
-RHO_START = 0.05
-WEIGHT_DECAY = 0.01            # decoupled decay of every baseline that has one
+MAX_RHO_TRIALS = 5
+WEIGHT_DECAY = 0.01            # decoupled decay of every adaptive baseline
+SGD_WEIGHT_DECAY = 5e-4        # SGD's usual (coupled) decay
+WARMUP_FRACTION = 0.05
+LOOKAHEAD_K = 5
+SAM_INTERVAL = 4               # "SAM every k-th step"
+LATE_SAM_FROM = 0.5            # late-phase SAM: from this fraction of the steps on
 EVAL_BATCH = 2000
+TRAIN_EVAL = 5000              # training examples the final training metric is measured on
 NOISE_SEED = 12345             # which training labels a noisy workload flips (fixed)
+AUGMENT_SEED = 4242            # augmentation draws: a function of the run's seed only
 # Half-decade learning-rate ladder: 1e-5, 3.16e-5, ..., 1, 3.16.
 LADDER = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-10, 2))
+# 1-2-5 rho ladder: SAM's usual radii (0.05) and momentum ascent's (1-3) on one scale.
+RHO_LADDER = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 # ------------------------------------------------------------------ workloads
@@ -81,13 +101,15 @@ class Workload:
     dataset: str
     model: str
     batch_size: int
-    epochs: int                    # step budget = epochs x steps per epoch, the same for all
-    evals_per_epoch: int
+    epochs: int                    # budget = epochs x steps per epoch gradient evaluations
+    evals: int                     # validation points, evenly spaced over the budget
     n_train: int | None            # None: all training examples but the validation tail
     n_val: int
     n_test: int | None = None
     metric: str = "accuracy"       # validation metric of the target: "accuracy" or "loss"
     label_noise: float = 0.0       # fraction of training labels flipped to another class
+    augment: dict = field(default_factory=dict)   # image augmentation: pad, flip
+    test_at: tuple[float, ...] = (0.5, 0.75, 0.9)  # test points besides the end (budget share)
     model_options: dict = field(default_factory=dict)
     data_options: dict = field(default_factory=dict)
     about: str = ""
@@ -100,24 +122,30 @@ class Workload:
 def _workloads(quick: bool) -> dict[str, Workload]:
     if quick:  # CI: the same code path on tiny budgets, embedded data only
         return {"digits-mlp": Workload(
-            "digits-mlp", "digits", "mlp", batch_size=64, epochs=3, evals_per_epoch=2,
+            "digits-mlp", "digits", "mlp", batch_size=64, epochs=2, evals=4,
             n_train=None, n_val=287, model_options=dict(hidden=(32,)),
-            about="CI profile: tiny MLP, three epochs")}
+            about="CI profile: tiny MLP, two epochs")}
     return {w.name: w for w in (
-        Workload("digits-mlp", "digits", "mlp", batch_size=32, epochs=30, evals_per_epoch=1,
+        Workload("digits-mlp", "digits", "mlp", batch_size=32, epochs=30, evals=30,
                  n_train=None, n_val=287, model_options=dict(hidden=(128, 64)),
                  about="MLP (128, 64) on scikit-learn's 8x8 digits"),
-        Workload("fashion-cnn", "fashion-mnist", "cnn", batch_size=128, epochs=5,
-                 evals_per_epoch=2, n_train=20000, n_val=2000,
+        Workload("fashion-2k", "fashion-mnist", "cnn", batch_size=64, epochs=40, evals=10,
+                 n_train=2000, n_val=1000, n_test=5000, augment=dict(pad=1, flip=True),
+                 model_options=dict(width=24, spatial=7),
+                 about="generalization-bound: a wide CNN (width 24, 240k parameters) on 2,000 "
+                       "Fashion-MNIST images, random 1-pixel crops and horizontal flips, 40 "
+                       "epochs (training accuracy near 100 %, test accuracy well below)"),
+        Workload("fashion-cnn", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
+                 n_train=20000, n_val=2000, n_test=5000,
                  model_options=dict(width=16, spatial=7),
                  about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images"),
-        Workload("fashion-noisy", "fashion-mnist", "cnn", batch_size=128, epochs=5,
-                 evals_per_epoch=2, n_train=20000, n_val=2000, label_noise=0.3,
+        Workload("fashion-noisy", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
+                 n_train=20000, n_val=2000, n_test=5000, label_noise=0.3,
                  model_options=dict(width=16, spatial=7),
                  about="the fashion-cnn workload with 30 % of the training labels flipped to "
                        "another class (validation and test labels clean)"),
         Workload("shakespeare-char", "shakespeare", "transformer", batch_size=32, epochs=1,
-                 evals_per_epoch=16, n_train=51200, n_val=400, n_test=2000, metric="loss",
+                 evals=16, n_train=51200, n_val=400, n_test=2000, metric="loss",
                  model_options=dict(d_model=32, n_heads=2, n_layers=2),
                  data_options=dict(seq_len=64),
                  about="2-layer causal transformer (d_model 32) on 64-character windows of "
@@ -133,13 +161,15 @@ def load_workload_data(w: Workload) -> dict:
     if n_train + w.n_val > n_all:
         raise ValueError(f"{w.name}: n_train + n_val exceeds the {n_all} training examples")
     x, y = train.inputs[:n_train].clone(), train.targets[:n_train].clone()
+    clean = y.clone()
     if w.label_noise:
         g = torch.Generator().manual_seed(NOISE_SEED)
         flip = torch.rand(n_train, generator=g) < w.label_noise
         shift = torch.randint(1, train.info.num_classes, (n_train,), generator=g)
         y = torch.where(flip, (y + shift) % train.info.num_classes, y)
     n_test = w.n_test if w.n_test is not None else len(test)
-    return dict(info=train.info, train=(x, y),
+    return dict(info=train.info, train=(x, y), train_clean=(x, clean),
+                fill=float(train.inputs.min()) if w.augment else 0.0,
                 val=(train.inputs[n_all - w.n_val:].clone(), train.targets[n_all - w.n_val:].clone()),
                 test=(test.inputs[:n_test].clone(), test.targets[:n_test].clone()))
 
@@ -148,8 +178,7 @@ def workload_sizes(w: Workload, data: dict) -> dict:
     n = int(data["train"][0].shape[0])
     per_epoch = steps_per_epoch(n, w.batch_size)
     sizes = dict(train=n, val=int(data["val"][0].shape[0]), test=int(data["test"][0].shape[0]),
-                 steps_per_epoch=per_epoch, steps=per_epoch * w.epochs,
-                 eval_every=max(1, per_epoch // w.evals_per_epoch))
+                 steps_per_epoch=per_epoch, budget=per_epoch * w.epochs)
     if data["info"].kind == "text":
         sizes["chars_per_example"] = int(data["train"][0].shape[1])
     return sizes
@@ -158,17 +187,67 @@ def workload_sizes(w: Workload, data: dict) -> dict:
 # ------------------------------------------------------------------ candidates
 
 @dataclass(frozen=True)
+class RunPlan:
+    """A candidate's steps on a budget of gradient evaluations."""
+    steps: int
+    warmup: int
+    sam_start: int | None          # first step (1-based) that may take SAM's second gradient
+    grad_evals: int                # what the steps cost, <= the budget
+
+
+@dataclass(frozen=True)
 class Candidate:
     name: str
-    build: Callable[[Iterable[torch.Tensor], float, float], torch.optim.Optimizer]
+    build: Callable[[Iterable[torch.Tensor], float, float | None, RunPlan],
+                    torch.optim.Optimizer]
     lr_start: float                # centre of the first three ladder points
-    sam: bool = False              # two gradient evaluations per step
-    tune_rho: bool = False
+    two_pass: bool = False         # driven by first_step() / second_step() (pytorch SAM)
+    sam_every: int = 0             # a second gradient on every k-th step (0: never)
+    sam_from: float = 0.0          # ... from this fraction of the candidate's steps on
+    rho_start: float | None = None  # None: no rho; else the centre of its rho search
+    moves_weights: bool = False    # holds an ascent point: evaluated between eval() and train()
+    needs: tuple[str, ...] = ()    # NeuroOptima arguments it passes
     settings: dict = field(default_factory=dict)
 
     @property
-    def grad_evals_per_step(self) -> int:
-        return 2 if self.sam else 1
+    def tune_rho(self) -> bool:
+        return self.rho_start is not None
+
+    def missing(self) -> list[str]:
+        """The arguments (or methods) this candidate needs that the installed NeuroOptima
+        lacks; empty when it can run."""
+        params = inspect.signature(NeuroOptima.__init__).parameters
+        out = [a for a in self.needs if a not in params]
+        if self.needs and self.moves_weights:
+            out += [f"{m}()" for m in ("eval", "train") if not callable(getattr(NeuroOptima, m,
+                                                                               None))]
+        return out
+
+    def plan(self, budget: int) -> RunPlan:
+        return run_plan(budget, self.sam_every, self.sam_from)
+
+
+def _cost(steps: int, every: int, start: int) -> int:
+    """Gradient evaluations of ``steps`` steps with a second one on every ``every``-th step
+    counted from 1 that is >= ``start``."""
+    if not every:
+        return steps
+    return steps + steps // every - (start - 1) // every
+
+
+def run_plan(budget: int, sam_every: int = 0, sam_from: float = 0.0) -> RunPlan:
+    """The most steps whose gradient evaluations fit ``budget``, with their schedule."""
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 gradient evaluation, got {budget}")
+    steps = budget
+    while True:
+        start = math.floor(sam_from * steps) + 1
+        cost = _cost(steps, sam_every, start)
+        if cost <= budget or steps == 1:
+            break
+        steps -= 1
+    return RunPlan(steps, warmup_steps(steps, WARMUP_FRACTION),
+                   start if sam_every else None, cost)
 
 
 def _pt(name: str):
@@ -176,56 +255,120 @@ def _pt(name: str):
     return getattr(pytorch_optimizer, name)
 
 
-# The NeuroOptima configurations compared: the constructor defaults (Adan, decay 0.01, SAM and
-# Lookahead off: the configuration these runs found fastest, see suite_report.recommendation),
-# SAM and Lookahead switched on (the defaults before that choice) and Lookahead alone.
-SAM_LOOKAHEAD = dict(sam_rho=0.05, lookahead_k=5, weight_decay=0.0)
-LOOKAHEAD = dict(sam_rho=0.0, lookahead_k=5, weight_decay=0.0)
-NEURO_CONFIGS = {"NeuroOptima default": {}, "NeuroOptima Lookahead": LOOKAHEAD,
-                 "NeuroOptima SAM+Lookahead": SAM_LOOKAHEAD}
+def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool = False,
+           sam_every: int = 0, sam_from: float = 0.0) -> Candidate:
+    """A NeuroOptima configuration: ``fixed`` settings on top of the constructor defaults;
+    with ``rho_start`` its sam_rho is tuned, with ``ascent`` it is momentum ascent (warm-up of
+    the ascent = the warm-up of the learning rate), with ``sam_from`` it starts SAM late."""
+    needs = tuple(k for k in fixed if k not in ("lookahead_k",))
+    if ascent:
+        needs += ("sam_ascent", "sam_warmup")
+    if sam_from:
+        needs += ("sam_start",)
+
+    def build(params, lr, rho, plan: RunPlan):
+        kw = dict(fixed)
+        if rho is not None:
+            kw["sam_rho"] = rho
+        if ascent:
+            kw.update(sam_ascent="momentum", sam_warmup=plan.warmup)
+        if sam_from:
+            kw["sam_start"] = plan.sam_start
+        return NeuroOptima(params, lr=lr, **kw)
+
+    settings = dict(fixed)
+    if rho_start is not None:
+        settings["sam_rho"] = "tuned"
+    if ascent:
+        settings.update(sam_ascent="momentum", sam_warmup="the LR warm-up steps")
+    if sam_from:
+        settings["sam_start"] = f"step {sam_from:g} x its steps + 1"
+    return Candidate(name, build, 3.16e-3, sam_every=sam_every, sam_from=sam_from,
+                     rho_start=rho_start, moves_weights=ascent, needs=needs,
+                     settings=settings or dict(note="constructor defaults, LR tuned"))
+
+
+def _neuro_candidates() -> list[Candidate]:
+    la = dict(lookahead_k=LOOKAHEAD_K)
+    every = dict(sam_interval=SAM_INTERVAL)
+    out = [_neuro("NeuroOptima default", {}), _neuro("NeuroOptima Lookahead", la)]
+    for suffix, extra in (("", {}), (" + Lookahead", la)):
+        out += [_neuro("NeuroOptima momentum ascent" + suffix, dict(extra), 1.0, ascent=True),
+                _neuro(f"NeuroOptima SAM every {SAM_INTERVAL}th" + suffix, {**every, **extra},
+                       0.05, sam_every=SAM_INTERVAL),
+                _neuro("NeuroOptima late SAM" + suffix, dict(extra), 0.05, sam_every=1,
+                       sam_from=LATE_SAM_FROM)]
+    first = out[:2] + [c for c in out[2:] if "Lookahead" not in c.name]
+    return first + [c for c in out[2:] if "Lookahead" in c.name]
+
+
+# The NeuroOptima configurations compared and the settings each fixes (a tuned rho aside).
+def neuro_configs() -> dict[str, dict]:
+    return {c.name: {k: v for k, v in c.settings.items() if k != "note"}
+            for c in _neuro_candidates()}
+
+
+NEURO_CONFIGS = neuro_configs()
 
 
 def constructor_defaults() -> dict[str, object]:
-    """NeuroOptima's defaults for the settings the configurations above vary."""
-    params = inspect.signature(NeuroOptima).parameters
-    defaults = {name: params[name].default for name in ("lr", *SAM_LOOKAHEAD)}
-    if defaults["lr"] is None:  # the default rule's own rate
-        defaults["lr"] = RULE_LR[params["update"].default]
-    return defaults
-
-
-def _neuro(name: str, settings: dict) -> Candidate:
-    return Candidate(name, lambda p, lr, rho: NeuroOptima(p, lr=lr, **settings), 1e-3,
-                     sam=settings.get("sam_rho", constructor_defaults()["sam_rho"]) > 0,
-                     settings=dict(settings) or dict(note="constructor defaults, LR tuned"))
+    """NeuroOptima's defaults for lr and the settings its configurations vary (lr=None, the
+    rule's own learning rate, read as that rate)."""
+    params = inspect.signature(NeuroOptima.__init__).parameters
+    keys = {"lr", "sam_rho", "lookahead_k", "weight_decay"}
+    keys |= {k for s in NEURO_CONFIGS.values() for k in s}
+    out = {k: params[k].default for k in sorted(keys) if k in params}
+    if out.get("lr") is None:
+        from neurooptima.validation import DEFAULT_LR
+        out["lr"] = DEFAULT_LR[params["update"].default]
+    return out
 
 
 def _candidates() -> dict[str, Candidate]:
+    wd = dict(weight_decay=WEIGHT_DECAY)
+    neuro = _neuro_candidates()
     cands = [
-        Candidate("AdamW", lambda p, lr, rho: torch.optim.AdamW(p, lr=lr,
-                                                                 weight_decay=WEIGHT_DECAY),
-                  1e-3, settings=dict(weight_decay=WEIGHT_DECAY, source="torch")),
-        *(_neuro(name, settings) for name, settings in NEURO_CONFIGS.items()),
-        Candidate("SAM(AdamW)", lambda p, lr, rho: _pt("SAM")(p, torch.optim.AdamW, rho=rho,
-                                                              lr=lr, weight_decay=WEIGHT_DECAY),
-                  1e-3, sam=True, tune_rho=True,
-                  settings=dict(weight_decay=WEIGHT_DECAY, source="pytorch_optimizer")),
-        Candidate("Adan", lambda p, lr, rho: _pt("Adan")(p, lr=lr, weight_decay=WEIGHT_DECAY),
-                  3.16e-3, settings=dict(weight_decay=WEIGHT_DECAY, source="pytorch_optimizer")),
-        Candidate("Lion", lambda p, lr, rho: _pt("Lion")(p, lr=lr, weight_decay=WEIGHT_DECAY),
-                  3.16e-4, settings=dict(weight_decay=WEIGHT_DECAY, source="pytorch_optimizer")),
-        Candidate("SGD+momentum", lambda p, lr, rho: torch.optim.SGD(p, lr=lr, momentum=0.9),
-                  0.1, settings=dict(momentum=0.9, weight_decay=0.0, source="torch")),
+        Candidate("AdamW", lambda p, lr, rho, plan: torch.optim.AdamW(p, lr=lr, **wd),
+                  1e-3, settings=dict(wd, source="torch")),
+        neuro[0],
+        Candidate("SGD Nesterov", lambda p, lr, rho, plan: torch.optim.SGD(
+            p, lr=lr, momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY), 0.1,
+            settings=dict(momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY,
+                          source="torch")),
+        Candidate("Adan", lambda p, lr, rho, plan: _pt("Adan")(p, lr=lr, **wd), 3.16e-3,
+                  settings=dict(wd, source="pytorch_optimizer")),
+        Candidate("Lion", lambda p, lr, rho, plan: _pt("Lion")(p, lr=lr, **wd), 3.16e-4,
+                  settings=dict(wd, source="pytorch_optimizer")),
+        Candidate("SAM(AdamW)", lambda p, lr, rho, plan: _pt("SAM")(
+            p, torch.optim.AdamW, rho=rho, lr=lr, **wd), 1e-3, two_pass=True, sam_every=1,
+            rho_start=0.05, settings=dict(wd, rho="tuned", source="pytorch_optimizer")),
+        Candidate("MSAM(AdamW)", lambda p, lr, rho, plan: MSAMAdamW(p, lr=lr, rho=rho, **wd),
+                  1e-3, rho_start=1.0, moves_weights=True,
+                  settings=dict(wd, rho="tuned", source="benchmarks/msam_adamw.py")),
+        *neuro[1:],
     ]
     return {c.name: c for c in cands}
 
 
 CANDIDATES = _candidates()
-# Order of the work: the most decision-relevant rows first.
+# Order of the work: the baselines and NeuroOptima's defaults first.
 PRIORITY = tuple(CANDIDATES)
 
 
 # ------------------------------------------------------------------ one run
+
+@contextmanager
+def at_w(opt: torch.optim.Optimizer, cand: Candidate) -> Iterator[None]:
+    """The model at w while inside (an optimizer that holds an ascent point moves it)."""
+    if not cand.moves_weights:
+        yield
+        return
+    opt.eval()
+    try:
+        yield
+    finally:
+        opt.train()
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -236,7 +379,7 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         logits = model(inputs[lo:lo + EVAL_BATCH])
         flat = logits.reshape(-1, logits.shape[-1])
         y = targets[lo:lo + EVAL_BATCH].reshape(-1)
-        loss_sum += float(nnf.cross_entropy(flat, y, reduction="sum"))
+        loss_sum += float(loss_fn(flat, y)) * y.numel()
         correct += int((flat.argmax(-1) == y).sum())
         total += y.numel()
     model.train()
@@ -252,51 +395,80 @@ def run_key(workload: str, candidate: str, lr: float, rho: float | None, seed: i
     return f"{workload}|{candidate}|lr={lr:g}|rho={'-' if rho is None else f'{rho:g}'}|seed={seed}"
 
 
+def _marks(budget: int, fractions: Iterable[float]) -> list[int]:
+    return sorted({max(1, math.ceil(budget * f - 1e-9)) for f in fractions})
+
+
 def run_one(w: Workload, cand: Candidate, lr: float, rho: float | None, seed: int,
             data: dict) -> dict:
     torch.manual_seed(seed)
     model = build_model(w.model, data["info"], **w.model_options)
-    opt = cand.build(model.parameters(), lr, rho if rho is not None else RHO_START)
-    x_all, y_all = data["train"]
     sizes = workload_sizes(w, data)
-    n, per_epoch, budget, every = (sizes["train"], sizes["steps_per_epoch"], sizes["steps"],
-                                   sizes["eval_every"])
-    half = budget // 2
+    n, per_epoch, budget = sizes["train"], sizes["steps_per_epoch"], sizes["budget"]
+    plan = cand.plan(budget)
+    opt = cand.build(model.parameters(), lr, rho if cand.tune_rho else None, plan)
+    x_all, y_all = data["train"]
+    gen = torch.Generator().manual_seed(AUGMENT_SEED + seed)
+    val_marks = _marks(budget, [i / w.evals for i in range(1, w.evals + 1)])
+    test_marks = _marks(budget, [f for f in w.test_at if f < 1])
     losses: list[float] = []
-    curve: list[list] = []          # [step, cpu seconds of training, validation metric]
-    test_half = test_final = None
-    cpu, step, diverged = 0.0, 0, False
+    curve: list[list] = []          # [step, gradient evaluations, CPU s of training, val metric]
+    tests: list[list] = []          # [step, gradient evaluations, CPU s, test acc, test loss]
+    cpu, step, spent, epoch, diverged = 0.0, 0, 0, 0, False
     wall0 = time.perf_counter()
-    for epoch in range(w.epochs):
+    while step < plan.steps and not diverged:
         perm = epoch_permutation(n, seed, epoch)
+        epoch += 1
         for b in range(per_epoch):
+            if step >= plan.steps:
+                break
             idx = perm[b * w.batch_size:(b + 1) * w.batch_size]
+            x = x_all[idx]
+            if w.augment:
+                x = augment(x, w.augment.get("pad", 0), w.augment.get("flip", False),
+                            data["fill"], gen)
+            factor = warmup_cosine(step, plan.steps, plan.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
             t0 = time.process_time()
-            loss = _train_step(model, opt, cand, x_all[idx], y_all[idx])
+            loss, used = train_step(model, opt, x, y_all[idx], cand.two_pass)
             cpu += time.process_time() - t0
             step += 1
+            spent += used
             losses.append(loss)
             diverged = not math.isfinite(loss)
-            if step % every == 0 or step == budget or diverged:
-                value = None if diverged else _metric(w, evaluate(model, *data["val"]))
-                curve.append([step, round(cpu, 3), value])
-            if step == half and not diverged:
-                test_half = evaluate(model, *data["test"])
+            last = step == plan.steps
+            if diverged or last or (val_marks and spent >= val_marks[0]):
+                while val_marks and spent >= val_marks[0]:
+                    val_marks.pop(0)
+                with at_w(opt, cand):
+                    value = None if diverged else _metric(w, evaluate(model, *data["val"]))
+                curve.append([step, spent, round(cpu, 3), value])
+            if not diverged and not last and test_marks and spent >= test_marks[0]:
+                while test_marks and spent >= test_marks[0]:
+                    test_marks.pop(0)
+                with at_w(opt, cand):
+                    ev = evaluate(model, *data["test"])
+                tests.append([step, spent, round(cpu, 3), ev["acc"], ev["loss"]])
             if diverged:
                 break
-        if diverged:
-            break
+    test_final = train_final = None
     if not diverged:
-        test_final = evaluate(model, *data["test"])
-    tail = [v for v in losses[-max(2, budget // 10):] if math.isfinite(v)]
+        with at_w(opt, cand):
+            test_final = evaluate(model, *data["test"])
+            xs, ys = data["train_clean"]
+            train_final = evaluate(model, xs[:TRAIN_EVAL], ys[:TRAIN_EVAL])
+        tests.append([step, spent, round(cpu, 3), test_final["acc"], test_final["loss"]])
+    tail = [v for v in losses[-max(2, plan.steps // 10):] if math.isfinite(v)]
     return dict(
         key=run_key(w.name, cand.name, lr, rho if cand.tune_rho else None, seed),
         workload=w.name, candidate=cand.name, lr=lr, rho=rho if cand.tune_rho else None,
         seed=seed, phase="search" if seed == SELECTION_SEED else "seed",
-        steps=step, budget_steps=budget, steps_per_epoch=per_epoch,
-        grad_evals_per_step=cand.grad_evals_per_step, diverged=diverged,
+        protocol="warmup-cosine", budget=budget, steps=step, planned_steps=plan.steps,
+        warmup_steps=plan.warmup, sam_start=plan.sam_start, grad_evals=spent,
+        steps_per_epoch=per_epoch, diverged=diverged,
         cpu_s=round(cpu, 3), wall_s=round(time.perf_counter() - wall0, 3), curve=curve,
-        test_half=test_half, test_final=test_final,
+        tests=tests, test_final=test_final, train_final=train_final,
         train_loss_tail_mean=statistics.fmean(tail) if tail and not diverged else None,
         train_loss_tail_var=statistics.pvariance(tail) if len(tail) > 1 and not diverged
         else None)
@@ -339,20 +511,45 @@ def load_records(folder: Path = RESULTS) -> list[dict]:
 
 def score(w: Workload, rec: dict) -> float:
     """Final validation metric, higher better (loss negated); diverged: -inf."""
-    value = rec["curve"][-1][2] if rec["curve"] else None
+    value = rec["curve"][-1][-1] if rec["curve"] else None
     if rec["diverged"] or value is None:
         return -math.inf
     return value if w.higher_is_better else -value
 
 
-def ladder_index(lr: float) -> int:
-    return min(range(len(LADDER)), key=lambda i: abs(math.log(LADDER[i] / lr)))
+def ladder_index(value: float, ladder: tuple[float, ...] = LADDER) -> int:
+    return min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / value)))
 
 
-def choose_lr(w: Workload, search: dict[float, dict]) -> tuple[float, bool]:
-    """(best LR among the tried ones, whether it sits at an edge of the tried range)."""
-    best = max(sorted(search), key=lambda lr: score(w, search[lr]))
+def choose(w: Workload, search: dict[float, dict]) -> tuple[float, bool]:
+    """(best value among the tried ones, whether it sits at an edge of the tried range); ties
+    go to the smaller value."""
+    best = max(sorted(search), key=lambda v: score(w, search[v]))
     return best, best in (min(search), max(search))
+
+
+choose_lr = choose
+
+
+def widen(w: Workload, ladder: tuple[float, ...], start: float, max_trials: int,
+          run: Callable[[float], dict]) -> dict[float, dict]:
+    """Three ladder points around ``start``, then one more beyond whichever edge holds the
+    best, until the best is interior, the ladder ends or ``max_trials`` points have run."""
+    centre = ladder_index(start, ladder)
+    todo = [centre - 1, centre, centre + 1]
+    search: dict[float, dict] = {}
+    while todo:
+        for i in todo:
+            if 0 <= i < len(ladder):
+                search[ladder[i]] = run(ladder[i])
+        best, edge = choose(w, search)
+        i = ladder_index(best, ladder)
+        todo = []
+        if edge and len(search) < max_trials:
+            nxt = i - 1 if best == min(search) else i + 1
+            if 0 <= nxt < len(ladder) and ladder[nxt] not in search:
+                todo = [nxt]
+    return search
 
 
 class OutOfTime(Exception):
@@ -380,7 +577,7 @@ class Suite:
         if self.deadline is not None and time.time() > self.deadline:
             raise OutOfTime
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{w.name} {cand.name} lr={lr:g} seed={seed}")
+            self.bar.set_postfix_str(f"{w.name} {cand.name} lr={lr:g} rho={rho} seed={seed}")
         rec = run_one(w, cand, lr, rho, seed, self.data(w))
         rec["profile"] = self.profile
         rec["environment"] = dict(torch=torch.__version__, python=platform.python_version(),
@@ -392,25 +589,14 @@ class Suite:
         return rec
 
     def tune(self, w: Workload, cand: Candidate) -> tuple[float, float | None]:
-        rho = RHO_START if cand.tune_rho else None
-        centre = ladder_index(cand.lr_start)
-        todo = [centre - 1, centre, centre + 1]
-        search: dict[float, dict] = {}
-        while todo:
-            for i in todo:
-                if 0 <= i < len(LADDER):
-                    search[LADDER[i]] = self.run(w, cand, LADDER[i], rho, SELECTION_SEED)
-            best, edge = choose_lr(w, search)
-            i = ladder_index(best)
-            todo = []
-            if edge and len(search) < MAX_LR_TRIALS:
-                nxt = i - 1 if best == min(search) else i + 1
-                if 0 <= nxt < len(LADDER) and LADDER[nxt] not in search:
-                    todo = [nxt]
-        lr = choose_lr(w, search)[0]
+        rho = cand.rho_start
+        search = widen(w, LADDER, cand.lr_start, MAX_LR_TRIALS,
+                       lambda lr: self.run(w, cand, lr, rho, SELECTION_SEED))
+        lr = choose(w, search)[0]
         if cand.tune_rho:
-            by_rho = {r: self.run(w, cand, lr, r, SELECTION_SEED) for r in RHO_GRID}
-            rho = max(RHO_GRID, key=lambda r: score(w, by_rho[r]))
+            by_rho = widen(w, RHO_LADDER, cand.rho_start, MAX_RHO_TRIALS,
+                           lambda r: self.run(w, cand, lr, r, SELECTION_SEED))
+            rho = choose(w, by_rho)[0]
         return lr, rho
 
     def evaluate(self, w: Workload, cand: Candidate) -> None:
@@ -428,8 +614,21 @@ def plan(workloads: dict[str, Workload], candidates: list[str]) -> list[tuple[st
     return order
 
 
-def estimate_runs(n_pairs: int, seeds: int) -> int:
-    return n_pairs * (3 + 1 + seeds)
+def estimate_runs(pairs: list[tuple[str, str]], seeds: int) -> int:
+    return sum(3 + 1 + seeds + (4 if CANDIDATES[c].tune_rho else 0) for _, c in pairs)
+
+
+def available(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(candidates that can run, a line per candidate skipped and why)."""
+    ok, skipped = [], []
+    for name in names:
+        missing = CANDIDATES[name].missing()
+        if missing:
+            skipped.append(f"[suite] skip {name}: the installed NeuroOptima does not accept "
+                           f"{', '.join(missing)}")
+        else:
+            ok.append(name)
+    return ok, skipped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,12 +659,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"candidates {list(CANDIDATES)}")
     wl_filter = {n for n in only if n in workloads} or set(workloads)
     cand_filter = {n for n in only if n in CANDIDATES} or set(CANDIDATES)
-    pairs = [(wl, c) for wl, c in plan(workloads, list(PRIORITY))
-             if wl in wl_filter and c in cand_filter]
+    runnable, skipped = available(c for c in PRIORITY if c in cand_filter)
+    for line in skipped:
+        print(line, flush=True)
+    pairs = [(wl, c) for wl, c in plan(workloads, runnable) if wl in wl_filter]
     torch.set_num_threads(args.threads)
     store = Store(out)
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
-    total = estimate_runs(len(pairs), seeds)
+    total = estimate_runs(pairs, seeds)
     # Records of the selected (workload, candidate) pairs only, so that a run restricted with
     # --only starts its bar where that part of the suite stands.
     selected = set(pairs)
@@ -480,8 +681,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n[suite] --budget-minutes reached after {suite.ran} new runs; "
                   f"rerun the same command to continue", flush=True)
     print(f"[suite] {suite.ran} new runs, {len(store.records)} records in {out}", flush=True)
-    meta = dict(profile=args.profile, seeds=seeds, workloads={
+    meta = dict(profile=args.profile, seeds=seeds, protocol="warmup-cosine", workloads={
         name: asdict(w) for name, w in workloads.items()})
+    out.mkdir(parents=True, exist_ok=True)
     (out / "suite_meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return 0
 

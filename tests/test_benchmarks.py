@@ -36,43 +36,48 @@ def smoke(tmp_path_factory) -> Path:
     # meanwhile: the tree is shared).
     # (A full suite run may be appending records meanwhile, so the suite's record files are
     # checked by content: no record of the quick profile.)
-    mine = [RESULTS / "REPORT.md", ROOT / "README.md", RESULTS / "suite" / "suite_meta.json"]
+    mine = [RESULTS / "REPORT.md", ROOT / "README.md",
+            RESULTS / report.SUITE_DIR / "suite_meta.json"]
     committed = {p: p.stat().st_mtime_ns for p in mine if p.exists()}
     subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--smoke", "--out-dir", str(out)],
                    cwd=ROOT, check=True, timeout=600)
     # The smoke run must not touch the committed results.
     assert {p: p.stat().st_mtime_ns for p in committed} == committed
     assert all(r.get("profile", "full") == "full"
-               for r in suite.load_records(RESULTS / "suite"))
+               for r in suite.load_records(RESULTS / report.SUITE_DIR))
     return out
 
 
 def test_smoke_run_writes_records_report_and_plots(smoke):
-    records = suite.load_records(smoke / "suite")
+    records = suite.load_records(smoke / report.SUITE_DIR)
     assert (smoke / "REPORT.md").is_file()
     assert (smoke / "suite_digits-mlp.png").is_file()
-    assert {r["candidate"] for r in records} == set(suite.CANDIDATES)
+    runnable, _ = suite.available(suite.CANDIDATES)
+    assert {r["candidate"] for r in records} == set(runnable)
     for rec in records:
         cand = suite.CANDIDATES[rec["candidate"]]
-        assert rec["steps"] == rec["budget_steps"] or rec["diverged"]
-        assert rec["grad_evals_per_step"] == (2 if cand.sam else 1)
+        plan = cand.plan(rec["budget"])
+        assert rec["steps"] == plan.steps or rec["diverged"]
+        # Gradient evaluations are counted, and every candidate's fit the same budget.
+        assert rec["grad_evals"] == plan.grad_evals <= rec["budget"] or rec["diverged"]
         assert rec["curve"][-1][0] == rec["steps"]
-        cpu = [p[1] for p in rec["curve"]]
+        cpu = [p[2] for p in rec["curve"]]
         assert cpu == sorted(cpu)
-    # Every candidate's chosen LR is interior to the range it searched (or the search was capped),
-    # and its seeds ran at that LR.
+    # Every candidate's chosen LR and rho are interior to the range searched (or the search
+    # was capped), and its seeds ran at that setting.
     result = suite_report.analyse(records, {"profile": "quick", "seeds": 2})
     for row in result["workloads"]["digits-mlp"]["rows"].values():
         assert row["complete"]
-        assert not row["lr_edge"] or len(row["lr_tried"]) == suite.MAX_LR_TRIALS
-        assert {r["lr"] for r in row["runs"]} == {row["lr"]}
+        assert not row["lr_edge"] or row["lr_capped"]
+        assert not row["rho_edge"] or row["rho_capped"]
+        assert {(r["lr"], r["rho"]) for r in row["runs"]} == {(row["lr"], row["rho"])}
     readme = (smoke / "README.md").read_text()
     assert _block(readme) == report.readme_block(report.load_results(smoke))
 
 
 def test_resumed_run_skips_existing_records(smoke, tmp_path):
     folder = tmp_path / "suite"
-    shutil.copytree(smoke / "suite", folder)
+    shutil.copytree(smoke / report.SUITE_DIR, folder)
     before = (folder / "digits-mlp.jsonl").read_text()
     done = subprocess.run([sys.executable, str(BENCH / "suite.py"), "--profile", "quick",
                            "--out", str(folder), "--only", "AdamW"], cwd=ROOT,
@@ -98,11 +103,11 @@ def _committed_results(folder: Path) -> Path:
     """The results JSON that git tracks, copied to ``folder`` (all of them outside a checkout):
     files a benchmark has just written but nobody committed yet are not part of the README."""
     listed = subprocess.run(["git", "ls-files", "benchmarks/results/*.json",
-                             "benchmarks/results/suite/*"], cwd=ROOT,
+                             f"benchmarks/results/{report.SUITE_DIR}/*"], cwd=ROOT,
                             capture_output=True, text=True)
     names = listed.stdout.split() if listed.returncode == 0 else []
     paths = ([ROOT / n for n in names] if names else
-             [*RESULTS.glob("*.json"), *(RESULTS / "suite").glob("*")])
+             [*RESULTS.glob("*.json"), *(RESULTS / report.SUITE_DIR).glob("*")])
     for path in paths:
         target = folder / path.relative_to(RESULTS)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,7 @@ def _table_rows(markdown: str, header_start: str) -> list[list[str]]:
 
 
 def _committed_records(tmp_path) -> list[dict]:
-    folder = _committed_results(tmp_path) / "suite"
+    folder = _committed_results(tmp_path) / report.SUITE_DIR
     records = suite.load_records(folder) if folder.is_dir() else []
     if not records:
         pytest.skip("no committed suite records")
@@ -154,7 +159,7 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
                 return []
             sign = 1 if w.higher_is_better else -1
             best = max(sorted(search), key=lambda lr: -math.inf if search[lr]["diverged"]
-                       else sign * search[lr]["curve"][-1][2])
+                       else sign * search[lr]["curve"][-1][3])
             return [r for r in records if r["workload"] == name and r["candidate"] == cand
                     and r["seed"] < suite.SELECTION_SEED and r["lr"] == best]
         adamw, neuro = chosen("AdamW"), chosen("NeuroOptima default")
@@ -162,14 +167,14 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
             continue
         at = []
         for r in adamw:
-            goal = 0.85 * r["budget_steps"]
-            at.append(min(r["curve"], key=lambda p: abs(p[0] - goal))[2])
+            goal = 0.85 * r["budget"]
+            at.append(min(r["curve"], key=lambda p: abs(p[1] - goal))[3])
         m = statistics.median(at)
         target = (math.floor(m * 1000) / 1000 if w.higher_is_better
                   else math.ceil(m * 200) / 200)
 
         def epochs(r):
-            for step, _, v in r["curve"]:
+            for step, _, _, v in r["curve"]:
                 if (v >= target) if w.higher_is_better else (v <= target):
                     return step / r["steps_per_epoch"]
             return math.inf
@@ -191,8 +196,10 @@ def test_complete_rows_chose_an_interior_lr(tmp_path):
     for name, wl in result["workloads"].items():
         for cand, row in wl["rows"].items():
             if row["complete"]:
-                assert not row["lr_edge"] or len(row["lr_tried"]) >= suite.MAX_LR_TRIALS, \
+                assert not row["lr_edge"] or row["lr_capped"], \
                     (name, cand, row["lr"], row["lr_tried"])
+                assert not row["rho_edge"] or row["rho_capped"], \
+                    (name, cand, row["rho"], row["rho_tried"])
 
 
 def test_constructor_defaults_are_what_the_records_recommend(tmp_path):
@@ -243,3 +250,113 @@ def test_report_communication_bytes_match_json():
         assert row[:3] == [rec["strategy"], rec["sam_mode"], str(rec["world_size"])]
         assert int(re.sub(r"[^0-9]", "", row[4])) == round(rec["bytes_per_step"])
         assert int(re.sub(r"[^0-9]", "", row[5])) == round(rec["bytes_formula"])
+
+
+# ------------------------------------------------------------------ protocol pieces
+
+def test_run_plan_fits_the_gradient_budget():
+    """SAM on every step: half the steps; every k-th step: k/(k+1); from a fraction f of the
+    steps on: 1/(2-f); always the most steps whose gradient evaluations fit."""
+    def cost(steps, every, start):
+        return steps + sum(1 for i in range(start, steps + 1) if i % every == 0)
+
+    assert suite.run_plan(1000).steps == 1000
+    assert suite.run_plan(1000, 1).steps == 500
+    assert suite.run_plan(1000, 4).steps == 800
+    late = suite.run_plan(1000, 1, 0.5)
+    assert late.steps == 666 and late.sam_start == 334 and late.grad_evals == 999
+    for budget in (7, 100, 1001):
+        for every, frac in ((1, 0.0), (3, 0.0), (4, 0.25), (1, 0.5)):
+            p = suite.run_plan(budget, every, frac)
+            assert p.grad_evals == cost(p.steps, every, p.sam_start) <= budget
+            start = math.floor(frac * (p.steps + 1)) + 1
+            assert cost(p.steps + 1, every, start) > budget
+            assert p.warmup == max(1, round(0.05 * p.steps))
+
+
+def test_warmup_cosine_schedule():
+    import training_step
+    f = [training_step.warmup_cosine(s, 100, 5) for s in range(100)]
+    assert f[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert f[5] == 1.0 and all(a >= b for a, b in zip(f[5:], f[6:]))
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 94 / 95)))
+    assert f[52] == pytest.approx(0.5 * (1 + math.cos(math.pi * 47 / 95)))
+
+
+def _msam_reference(w0, grads_at, lr, rho, wd, steps, b1=0.9, b2=0.999, eps=1e-8):
+    """Becker et al.'s MSAM-AdamW from its equations on a list of tensors (independent of
+    benchmarks/msam_adamw.py): returns (w, w~) after ``steps`` steps."""
+    import torch
+    w = [t.clone() for t in w0]
+    m = [torch.zeros_like(t) for t in w]
+    v = [torch.zeros_like(t) for t in w]
+    s = 0.0
+    for t in range(1, steps + 1):
+        w_tilde = [wi - s * mi for wi, mi in zip(w, m)]
+        g = grads_at(w_tilde)
+        for i in range(len(w)):
+            m[i] = b1 * m[i] + (1 - b1) * g[i]
+            v[i] = b2 * v[i] + (1 - b2) * g[i] ** 2
+            step = (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps)
+            w[i] = (w[i] - lr * step) * (1 - lr * wd)
+        s = rho / (math.sqrt(sum(float((mi ** 2).sum()) for mi in m)) + 1e-12)
+    return w, [wi - s * mi for wi, mi in zip(w, m)]
+
+
+def test_msam_adamw_follows_the_paper_and_evaluates_at_w():
+    import torch
+    from msam_adamw import MSAMAdamW
+    torch.manual_seed(0)
+    a = torch.randn(4, 3, dtype=torch.float64)
+    target = torch.randn(4, dtype=torch.float64)
+    w0 = [torch.randn(3, dtype=torch.float64), torch.randn(1, dtype=torch.float64)]
+
+    def loss_of(w):
+        return ((a @ w[0] + w[1] - target) ** 2).mean() + (w[0] ** 4).sum()
+
+    def grads_at(w):
+        w = [t.clone().requires_grad_() for t in w]
+        return list(torch.autograd.grad(loss_of(w), w))
+
+    params = [t.clone().requires_grad_() for t in w0]
+    opt = MSAMAdamW(params, lr=0.05, rho=0.3, weight_decay=0.1)
+    for _ in range(6):
+        opt.zero_grad()
+        loss_of(params).backward()
+        opt.step()
+    w, w_tilde = _msam_reference(w0, grads_at, 0.05, 0.3, 0.1, 6)
+    for p, ref in zip(params, w_tilde):
+        torch.testing.assert_close(p.detach(), ref)
+    opt.eval()
+    for p, ref in zip(params, w):
+        torch.testing.assert_close(p.detach(), ref)
+    with pytest.raises(RuntimeError, match="train"):
+        opt.step()
+    opt.train()
+    for p, ref in zip(params, w_tilde):
+        torch.testing.assert_close(p.detach(), ref)
+
+
+def test_train_step_counts_gradient_evaluations():
+    """The closure is charged per call: SAM on every 2nd step costs 3 gradients per 2 steps;
+    pytorch_optimizer's SAM (first_step / second_step) 2 per step; AdamW 1."""
+    import torch
+    import training_step
+    from neurooptima import NeuroOptima
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert training_step.train_step(model, adamw, x, y)[1] == 1
+    sam = suite._pt("SAM")(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    assert training_step.train_step(model, sam, x, y, two_pass=True)[1] == 2
+    cand = suite.CANDIDATES[f"NeuroOptima SAM every {suite.SAM_INTERVAL}th"]
+    if cand.missing():
+        pytest.skip(f"NeuroOptima lacks {cand.missing()}")
+    bn = model[1]
+    opt = NeuroOptima(model.parameters(), lr=1e-3, sam_rho=0.05, sam_interval=2)
+    spent = [training_step.train_step(model, opt, x, y)[1] for _ in range(4)]
+    assert spent == [1, 2, 1, 2]
+    # BatchNorm's running statistics saw each batch once: 2 (AdamW, SAM) + 4 steps.
+    assert int(bn.num_batches_tracked) == 1 + 1 + 4
