@@ -76,7 +76,7 @@ from training_step import augment, loss_fn, train_step, warmup_cosine, warmup_st
 RESULTS = ROOT / "benchmarks" / "results" / "suite_cosine"
 SELECTION_SEED = 1000          # learning-rate and rho search; never an evaluation seed
 MAX_LR_TRIALS = 7
-MAX_RHO_TRIALS = 5
+MAX_RHO_TRIALS = 7
 WEIGHT_DECAY = 0.01            # decoupled decay of every adaptive baseline
 SGD_WEIGHT_DECAY = 5e-4        # SGD's usual (coupled) decay
 WARMUP_FRACTION = 0.05
@@ -90,7 +90,7 @@ AUGMENT_SEED = 4242            # augmentation draws: a function of the run's see
 # Half-decade learning-rate ladder: 1e-5, 3.16e-5, ..., 1, 3.16.
 LADDER = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-10, 2))
 # 1-2-5 rho ladder: SAM's usual radii (0.05) and momentum ascent's (1-3) on one scale.
-RHO_LADDER = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+RHO_LADDER = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 # ------------------------------------------------------------------ workloads

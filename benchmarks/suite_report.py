@@ -635,7 +635,9 @@ def markdown(result: dict) -> str:
            "run spends the same budget). *Equal CPU s*: the test metric at tuned AdamW's median "
            "CPU seconds of training (between the run's test points; its final metric if it "
            "finished sooner). Loss variance: variance of the per-step training loss over the "
-           "last 10 % of steps, mean over seeds. Error bars: ± one standard deviation over "
+           "last 10 % of steps, mean over seeds (for MSAM and momentum ascent the loss at the "
+           "ascent point, where their gradient is taken, so their variance is not comparable "
+           "with the others'). Error bars: ± one standard deviation over "
            "seeds; differences ± two standard errors.", "", status_line(result), ""]
     out += ["#### Verdict on the three announced claims", "",
             _table(["claim", "measured", "verdict"], verdict_rows(result)), "",
