@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import sys
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -41,6 +42,7 @@ from neurooptima.sam import gradient_due, norm_terms, perturb_
 from neurooptima.state_validation import check_state_dict
 from neurooptima.validation import check_group, prepare_group
 
+from .amp import TORCH_SCALER_ERROR, torch_scaler_reading
 from .buffers import BufferBroadcast
 from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
 from .flat_shards import Bucket, ShardSlot, build_buckets
@@ -138,6 +140,17 @@ class ShardedNeuroOptima(Optimizer):
 
     # torch's GradScaler hands the scale and the overflow flag to step() (see ``amp``).
     _step_supports_amp_scaling = True
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # torch's own scalers unscale p.grad through here, after it was reduced (see ``amp``).
+        if torch_scaler_reading(sys._getframe(1)):
+            raise RuntimeError(TORCH_SCALER_ERROR)
+        return self.__dict__["param_groups"]  # where torch's load_state_dict writes them
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.__dict__["param_groups"] = groups
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], *,
                  process_group: dist.ProcessGroup | None = None,
@@ -481,11 +494,7 @@ class ShardedNeuroOptima(Optimizer):
         if found_inf is None:
             return False
         if not self._amp_agreed:
-            raise RuntimeError(
-                "torch's GradScaler checks each rank's unreduced p.grad, so ranks would take "
-                "different overflow decisions and keep different loss scales; use "
-                "neurooptima.distributed.ShardedGradScaler (same arguments) with "
-                "ShardedNeuroOptima")
+            raise RuntimeError(TORCH_SCALER_ERROR)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:
             return bool(found_inf.sum() > 0)

@@ -135,6 +135,14 @@ class DeepSpeedStrategy(Strategy):
         self.engine.eval()
         return self.engine(self._cast(inputs))
 
+    def weights_eval(self) -> None:
+        if self.args.optimizer == "neurooptima":
+            self._adapter.eval_mode(self.engine)  # collective: every rank evaluates
+
+    def weights_train(self) -> None:
+        if self.args.optimizer == "neurooptima":
+            self._adapter.train_mode(self.engine)
+
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / ENGINE_FOLDER), tag=ENGINE_TAG,
                                     save_latest=False)

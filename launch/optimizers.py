@@ -14,12 +14,15 @@ import torch
 from torch import Tensor
 
 from neurooptima import NeuroOptima, UPDATE_RULES
-from neurooptima.validation import DEFAULT_LR as RULE_LR
+from neurooptima.validation import DEFAULT_LR as RULE_LR, SAM_ASCENTS
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "add_optimizer_args", "neurooptima_kwargs",
            "baseline_class", "baseline_kwargs", "build_optimizer"]
 
 OPTIMIZERS = ("neurooptima", "sgd", "adam", "adamw", "lion", "adan")
+
+# The sharpness-aware form and its schedule (attributes of the parsed arguments).
+SAM_FORM_FLAGS = ("sam_ascent", "sam_warmup", "sam_interval", "sam_start")
 
 # NeuroOptima's own defaults, named in the help texts.
 _DEFAULTS = {name: p.default for name, p in inspect.signature(NeuroOptima).parameters.items()}
@@ -37,6 +40,19 @@ def _on_off(value: str) -> bool | None:
     return choices[value]
 
 
+def _count(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return number
+    return parse
+
+
 def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer (NeuroOptima options; unset = its default)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="neurooptima",
@@ -49,7 +65,19 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sam-rho", type=float, default=None,
                    help=f"SAM radius, e.g. 0.05; 0 disables SAM (NeuroOptima default "
                         f"{_DEFAULTS['sam_rho']})")
-    g.add_argument("--sam-adaptive", action="store_true", help="ASAM instead of SAM")
+    g.add_argument("--sam-ascent", choices=SAM_ASCENTS, default=None,
+                   help="gradient: exact SAM, two gradients on the steps it runs; momentum: "
+                        "momentum ascent (MSAM), one gradient a step, typical rho 1-3 "
+                        "(default gradient)")
+    g.add_argument("--sam-warmup", type=_count(0), default=None, metavar="N",
+                   help="momentum ascent: no ascent during the first N steps (default 0)")
+    g.add_argument("--sam-interval", type=_count(1), default=None, metavar="K",
+                   help="gradient ascent: SAM on every K-th step only, plain steps between "
+                        "(default 1)")
+    g.add_argument("--sam-start", type=_count(1), default=None, metavar="T",
+                   help="gradient ascent: SAM from step T on (default 1)")
+    g.add_argument("--sam-adaptive", action="store_true",
+                   help="ASAM instead of SAM (|w|-scaled ascent, either form)")
     g.add_argument("--sam-eta", type=float, default=None, help="ASAM's eta (default 0.01)")
     g.add_argument("--lookahead-k", type=int, default=None,
                    help=f"Lookahead sync period, e.g. 5; 0 disables it (default "
@@ -82,7 +110,7 @@ def neurooptima_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if learning_rate(args) is not None:
         kwargs["lr"] = learning_rate(args)
     for flag in ("weight_decay", "sam_rho", "sam_eta", "lookahead_k", "lookahead_alpha", "eps",
-                 "update", "beta_diff", "max_grad_norm", "foreach"):
+                 "update", "beta_diff", "max_grad_norm", "foreach") + SAM_FORM_FLAGS:
         value = getattr(args, flag)
         if value is not None:
             kwargs[flag] = value
@@ -96,7 +124,7 @@ def neurooptima_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _NEUROOPTIMA_ONLY = ("sam_rho", "sam_eta", "lookahead_k", "lookahead_alpha", "update",
-                     "beta_diff", "max_grad_norm")
+                     "beta_diff", "max_grad_norm") + SAM_FORM_FLAGS
 
 
 def baseline_class(name: str) -> type[torch.optim.Optimizer]:

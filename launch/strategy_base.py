@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import importlib.util
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -91,6 +91,27 @@ class Strategy:
     def eval_forward(self, inputs: Tensor) -> Tensor:
         self.model.eval()
         return self.model(inputs)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """The weights to evaluate: under momentum ascent the model holds the ascent point
+        while training, so the optimizer's ``eval()`` moves it to ``w`` and ``train()`` back
+        (bit for bit) afterwards; a no-op for optimizers without them."""
+        self.weights_eval()
+        try:
+            yield
+        finally:
+            self.weights_train()
+
+    def weights_eval(self) -> None:
+        switch = getattr(self.optimizer, "eval", None)
+        if callable(switch):
+            switch()
+
+    def weights_train(self) -> None:
+        switch = getattr(self.optimizer, "train", None)
+        if callable(switch):
+            switch()
 
     # -------------------------------------------------------------- checkpoints
 

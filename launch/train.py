@@ -43,7 +43,7 @@ from launch.strategies import STRATEGIES, make_strategy
 # Flags that must match between a run and its resumption (the rest may change, e.g. --epochs).
 RESUME_KEYS = ("strategy", "dataset", "model", "optimizer", "batch_size", "seed", "subset",
                "test_subset", "seq_len", "lr", "weight_decay", "sam_rho", "sam_adaptive",
-               "sam_eta", "lookahead_k", "lookahead_alpha", "betas", "eps", "update",
+               "sam_eta", "sam_ascent", "sam_warmup", "sam_interval", "sam_start", "lookahead_k", "lookahead_alpha", "betas", "eps", "update",
                "beta_diff", "no_prox", "max_grad_norm", "momentum", "sam_mode", "zero_stage",
                "world_size")
 # A simulated crash exits with this code (any non-zero code would do for torchrun).
@@ -363,7 +363,8 @@ def train(args: argparse.Namespace) -> float:
         bar.close()
         total, = all_reduce_sum([loss_sum], device)
         train_loss = total / (step * world)
-        test_loss, accuracy = evaluate(strategy, test_set, args.eval_batch_size, device)
+        with strategy.evaluation_weights():
+            test_loss, accuracy = evaluate(strategy, test_set, args.eval_batch_size, device)
         record = {"epoch": epoch + 1, "global_step": global_step, "steps": step,
                   "train_loss": train_loss, "test_loss": test_loss,
                   "test_accuracy": accuracy, "time_s": round(time.time() - epoch_start, 3)}
@@ -377,7 +378,8 @@ def train(args: argparse.Namespace) -> float:
         loss_sum, start_step = 0.0, 0
         save(epoch + 1, 0)
     if math.isnan(accuracy):  # nothing left to train (resumed a finished run, or --max-steps)
-        _, accuracy = evaluate(strategy, test_set, args.eval_batch_size, device)
+        with strategy.evaluation_weights():
+            _, accuracy = evaluate(strategy, test_set, args.eval_batch_size, device)
     if rank == 0:
         print(f"final test accuracy: {accuracy:.4f} ({100 * accuracy:.2f} %) | "
               f"{args.dataset} {args.model} {args.optimizer} {args.strategy} x{world} | "

@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         xb, yb = x[idx].to(device), y[idx].to(device)
         loss = nds.sam_step(engine, lambda: torch.nn.functional.cross_entropy(engine(xb), yb))
         losses.append(loss.item())
+    nds.eval_mode(engine)  # momentum ascent: evaluate at w, not at the ascent point
     with torch.no_grad():
         accuracy = (engine(x_test.to(device)).argmax(1).cpu() == y_test).float().mean().item()
         checksum = sum(p.double().sum().item() for p in engine.module.parameters())
+    nds.train_mode(engine)
     print(json.dumps({"rank": rank, "world": world, "first_loss": losses[0],
                       "last_loss": sum(losses[-5:]) / 5, "accuracy": accuracy,
                       "checksum": checksum}), flush=True)
