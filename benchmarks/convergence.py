@@ -56,9 +56,9 @@ if str(ROOT / "benchmarks") not in sys.path:
 
 from launch.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
 from launch.models import build_model  # noqa: E402
-from neurooptima import frozen_batchnorm_stats  # noqa: E402
 
 from convergence_optimizers import OPTIMIZERS, OptimizerSpec  # noqa: E402
+from training_step import train_step  # noqa: E402  (the suite's step, shared)
 
 SELECTION_SEED = 1000  # never one of the evaluation seeds 0..seeds-1
 EVAL_BATCH = 1000
@@ -155,10 +155,6 @@ def data_sizes(task: TaskSpec, data: dict) -> dict:
 
 # ------------------------------------------------------------------ one run
 
-def _loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nnf.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
              ) -> tuple[float, float]:
@@ -174,23 +170,6 @@ def evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         total += y.numel()
     model.train()
     return correct / total, loss_sum / total
-
-
-def _train_step(model, opt, spec: OptimizerSpec, x, y) -> float:
-    model.zero_grad(set_to_none=True)
-    loss = _loss_fn(model(x), y)
-    loss.backward()
-    if not spec.sam:
-        opt.step()
-        return float(loss.detach())
-    # SAM's two passes, the same for pytorch_optimizer's SAM and NeuroOptima: perturb, second
-    # gradient at w + e (BatchNorm statistics frozen), restore and update.
-    opt.first_step()
-    model.zero_grad(set_to_none=True)
-    with frozen_batchnorm_stats(model):
-        _loss_fn(model(x), y).backward()
-    opt.second_step()
-    return float(loss.detach())
 
 
 def eval_points(task: TaskSpec) -> list[int]:
@@ -227,7 +206,7 @@ def run_one(task: TaskSpec, spec: OptimizerSpec, lr: float, seed: int, data: dic
                 break
             idx = perm[b * task.batch_size:(b + 1) * task.batch_size]
             t0 = time.perf_counter()
-            loss = _train_step(model, opt, spec, x_all[idx], y_all[idx])
+            loss, _ = train_step(model, opt, x_all[idx], y_all[idx], two_pass=spec.sam)
             train_s += time.perf_counter() - t0
             step += 1
             losses.append(loss)
