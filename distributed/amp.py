@@ -18,12 +18,27 @@ backoff schedule, ``state_dict``) is torch's.
 
 from __future__ import annotations
 
+from types import FrameType
 from typing import Any
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
-__all__ = ["ShardedGradScaler"]
+__all__ = ["ShardedGradScaler", "TORCH_SCALER_ERROR", "torch_scaler_reading"]
+
+TORCH_SCALER_ERROR = (
+    "torch's GradScaler unscales and checks each rank's own p.grad, which ShardedNeuroOptima has "
+    "already reduced and sent to the ranks that own it: the update would keep the loss scale, "
+    "and ranks would take different overflow decisions and keep different loss scales; use "
+    "neurooptima.distributed.ShardedGradScaler (same arguments) with ShardedNeuroOptima")
+
+
+def torch_scaler_reading(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is a torch loss scaler unscaling gradients (``torch.amp.GradScaler``,
+    its CUDA alias, FSDP's ``ShardedGradScaler``): they reach the gradients through the
+    optimizer's ``param_groups``, so ``ShardedNeuroOptima`` refuses them there."""
+    return (frame is not None and frame.f_code.co_name == "_unscale_grads_"
+            and frame.f_globals.get("__name__", "").startswith("torch."))
 
 
 def _is_sharded(optimizer: Any) -> bool:
