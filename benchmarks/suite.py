@@ -605,12 +605,14 @@ class Suite:
             self.run(w, cand, lr, rho, seed)
 
 
-def plan(workloads: dict[str, Workload], candidates: list[str]) -> list[tuple[str, str]]:
-    """(workload, candidate) in the order of the work: every candidate on the cheapest workload
-    first, then candidate by candidate (priority order) over the remaining workloads."""
+def plan(workloads: dict[str, Workload], candidates: list[str],
+         whole: int = 2) -> list[tuple[str, str]]:
+    """(workload, candidate) in the order of the work: every candidate on each of the first
+    ``whole`` workloads (the cheapest, then the generalization-bound one), then candidate by
+    candidate (priority order) over the remaining workloads."""
     names = list(workloads)
-    order = [(names[0], c) for c in candidates]
-    order += [(wl, c) for c in candidates for wl in names[1:]]
+    order = [(wl, c) for wl in names[:whole] for c in candidates]
+    order += [(wl, c) for c in candidates for wl in names[whole:]]
     return order
 
 
