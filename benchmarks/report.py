@@ -502,8 +502,7 @@ def readme_block(results: dict[str, object]) -> str:
         lines += ["", suite_report.status_line(suite)]
         charts = suite_report.readme_charts(suite)
         if charts:
-            lines += ["", "The announcement's three comparisons on the generalization-bound "
-                      "workload (every workload, with error bars: REPORT.md):", ""] + charts
+            lines += [""] + charts
     lines.append(END)
     block = "\n".join(lines)
     assert block.count("\n") + 1 <= README_BLOCK_MAX_LINES, "README block must stay short"
