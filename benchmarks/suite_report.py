@@ -91,8 +91,9 @@ def reach(w: S.Workload, rec: dict, target: float) -> dict | None:
         if value is None:
             return None
         if (value >= target) if w.higher_is_better else (value <= target):
+            # Epochs of gradient evaluations: equal compute for one- and two-gradient steps.
             return dict(steps=step, grad_evals=grads, cpu_s=cpu,
-                        epochs=step / rec["steps_per_epoch"])
+                        epochs=grads / rec["steps_per_epoch"])
     return None
 
 

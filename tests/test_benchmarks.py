@@ -174,9 +174,9 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
                   else math.ceil(m * 200) / 200)
 
         def epochs(r):
-            for step, _, _, v in r["curve"]:
+            for _, grads, _, v in r["curve"]:
                 if (v >= target) if w.higher_is_better else (v <= target):
-                    return step / r["steps_per_epoch"]
+                    return grads / r["steps_per_epoch"]
             return math.inf
         ne = statistics.median(sorted(epochs(r) for r in neuro))
         ae = statistics.median(sorted(epochs(r) for r in adamw))
