@@ -137,3 +137,101 @@ def test_trainer_combinations_that_cannot_be_exact_are_refused(setting, words):
     with pytest.raises(SAMTrainerError, match=words) as info:
         _check_exact(trainer)
     assert "sam_ascent='momentum'" in str(info.value)
+
+
+# --------------------------------------------------------------------------------- accelerate
+
+@pytest.fixture
+def accelerate():
+    accelerate = pytest.importorskip("accelerate")
+    yield accelerate
+    # One Accelerator per test: its process-wide state is reset for the next one.
+    accelerate.state.AcceleratorState._reset_state(reset_partial_state=True)
+    accelerate.state.GradientState._reset_state()
+
+
+def _micro_batches(samples: list[dict], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.stack([s["x"] for s in samples[i:i + size]]),
+             torch.stack([s["labels"] for s in samples[i:i + size]]))
+            for i in range(0, len(samples), size)]
+
+
+def _loss(model, batch):
+    return model(*batch)["loss"]
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["fp32", "grad-scaler"])
+def test_accelerate_sam_step_with_accumulation_equals_step_closure(accelerate, scaled):
+    """gradient_accumulation_steps=4: sam_step runs both passes over the 4 micro-batches of a
+    step, as step(closure) on the batch of 16 does; with a GradScaler (what fp16 brings) the
+    scale leaves the update unchanged."""
+    from neurooptima.integrations.accelerate import sam_step
+
+    samples = _samples(48)
+    model = Net()
+    reference = copy.deepcopy(model)
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=4, cpu=True)
+    if scaled:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    model, optimizer = accelerator.prepare(model, NeuroOptima(model.parameters(), **HYPER))
+    assert (optimizer.scaler is not None) == scaled
+    micro = _micro_batches(samples, 4)
+    losses = [sam_step(accelerator, optimizer, model, micro[i:i + 4], _loss)
+              for i in range(0, len(micro), 4)]
+    _reference(reference, samples, batch=16, **HYPER)
+    assert _max_error(model, reference) < 1e-6
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
+def test_accelerate_accumulate_with_step_closure_is_refused(accelerate):
+    """The loop accelerate's docs suggest, with SAM's closure: accelerate would drop the step,
+    and with it the closure, on 3 of 4 micro-batches. The optimizer refuses the step."""
+    model = Net()
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=4, cpu=True)
+    model, optimizer = accelerator.prepare(model, NeuroOptima(model.parameters(), **HYPER))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="gradient_accumulation_steps=4.*sam_step"):
+        for batch in _micro_batches(_samples(16), 4):
+            with accelerator.accumulate(model):
+                def closure():
+                    optimizer.zero_grad()
+                    loss = _loss(model, batch)
+                    accelerator.backward(loss)
+                    return loss
+                optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_accelerate_fp16_scaler_with_step_closure_is_refused(accelerate):
+    """accelerate hands the closure to GradScaler.step, which unscales before SAM's passes:
+    the second pass would reach the update scaled. Refused before anything changes."""
+    model = Net()
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what mixed_precision="fp16" brings
+    model, optimizer = accelerator.prepare(model, NeuroOptima(model.parameters(), **HYPER))
+    # A later step of a loop that zeroes gradients in place (zero_grad(set_to_none=False)):
+    # the scaler has scaled a loss and finds gradients to unscale before calling step.
+    accelerator.scaler.scale(torch.ones(()))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    batch = _micro_batches(_samples(4), 4)[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = _loss(model, batch)
+        accelerator.backward(loss)
+        return loss
+    with pytest.raises(RuntimeError, match="GradScaler.step.*sam_step"):
+        optimizer.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_accelerate_prepared_optimizer_reaches_the_phases(accelerate):
+    from neurooptima.integrations import unwrap_optimizer
+
+    model = Net()
+    accelerator = accelerate.Accelerator(cpu=True)
+    inner = NeuroOptima(model.parameters(), **HYPER)
+    model, optimizer = accelerator.prepare(model, inner)
+    assert unwrap_optimizer(optimizer) is inner is optimizer.optimizer

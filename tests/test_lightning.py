@@ -63,3 +63,38 @@ def test_automatic_optimization_equals_step_closure():
         optimizer.step(closure)
     for p, q in zip(module.net.parameters(), net.parameters()):
         assert torch.equal(p, q)
+
+
+def test_fp16_precision_plugin_with_sam_names_the_plugin_and_the_fix():
+    """Lightning's fp16 plugin runs the closure itself and steps without it: the error says so
+    (not the generic "pass step(closure)", a call the user never wrote) and gives the fix."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    module = Module()
+    before = [p.detach().clone() for p in module.parameters()]
+    # What precision="16-mixed" builds on a GPU (on the CPU Lightning would pick bf16).
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, plugins=[plugin],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="Lightning's MixedPrecision plugin") as info:
+        trainer.fit(module, loader)
+    message = str(info.value)
+    assert "automatic_optimization = False" in message and "sam_ascent='momentum'" in message
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+def test_gradient_accumulation_with_sam_is_refused():
+    """accumulate_grad_batches=2 would give SAM's second pass one micro-batch of two."""
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    module = Module()
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, accumulate_grad_batches=2,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches=2.*manual optimization"):
+        trainer.fit(module, loader)
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
