@@ -371,3 +371,13 @@ def test_train_step_counts_gradient_evaluations():
     assert spent == [1, 2, 1, 2]
     # BatchNorm's running statistics saw each batch once: 2 (AdamW, SAM) + 4 steps.
     assert int(bn.num_batches_tracked) == 1 + 1 + 4
+
+
+def test_equal_cpu_reading_interpolates_between_test_points():
+    rec = dict(diverged=False, tests=[[50, 50, 10.0, 0.80, 0.6], [75, 75, 15.0, 0.85, 0.5],
+                                      [100, 100, 20.0, 0.90, 0.4]])
+    assert suite_report.test_at_cpu(rec, 25.0) == dict(acc=0.90, loss=0.4)   # finished sooner
+    got = suite_report.test_at_cpu(rec, 12.5)
+    assert got["acc"] == pytest.approx(0.825) and got["loss"] == pytest.approx(0.55)
+    assert suite_report.test_at_cpu(rec, 5.0) is None                       # no point yet
+    assert suite_report.test_at_cpu(dict(rec, diverged=True), 25.0) is None
