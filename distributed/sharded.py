@@ -42,6 +42,7 @@ from neurooptima.sam import gradient_due, norm_terms, perturb_
 from neurooptima.state_validation import check_state_dict
 from neurooptima.validation import check_group, prepare_group
 
+from .agreement import check_same_on_all_ranks, describe_parameters
 from .amp import TORCH_SCALER_ERROR, torch_scaler_reading
 from .buffers import BufferBroadcast
 from .collectives import all_gather_flat, all_reduce_norm_stats, broadcast_, wait
@@ -208,7 +209,7 @@ class ShardedNeuroOptima(Optimizer):
         self._clipped = False  # clip_grad_norm_ ran on this step's gradients
         self._amp_agreed = False  # ShardedGradScaler checked this step's gradients
         super().__init__(params, defaults)
-        self._check_same_on_all_ranks()
+        self._check_same_on_all_ranks(module)
         self._constructed = True
 
         self._module, self._overlap_param_gather = module, overlap_param_gather
@@ -298,46 +299,16 @@ class ShardedNeuroOptima(Optimizer):
         super().add_param_group(param_group)
         prepare_group(self.param_groups[-1], type(self).__name__)
 
-    def _check_same_on_all_ranks(self) -> None:
-        """Every rank must pass the same settings and parameter shapes; else all raise."""
-        mine = {
-            "sam_mode": self.sam_mode,
-            "bucket_cap_mb": self.bucket_cap_mb,
-            "master_weights": self.master_weights,
-            "reduce_dtype": str(self.reduce_dtype),
-            "groups": [{**{k: group[k] for k in HYPER_KEYS},
-                        "parameter shapes": [(tuple(p.shape), str(p.dtype))
-                                             for p in group["params"]]}
-                       for group in self.param_groups],
-        }
-        diffs = []
-        for group in self.topology.groups:
-            everyone: list[Any] = [None] * dist.get_world_size(group)
-            dist.all_gather_object(everyone, mine, group=group)
-            diffs += self._differences(everyone)
-        if diffs:
-            raise ValueError("ShardedNeuroOptima needs the same hyperparameters and parameters "
-                             "on every rank; they differ: " + "; ".join(dict.fromkeys(diffs)))
-
-    @staticmethod
-    def _differences(everyone: list[Any]) -> list[str]:
-        first = everyone[0]
-        diffs = []
-        for rank, theirs in enumerate(everyone[1:], start=1):
-            for key in ("sam_mode", "bucket_cap_mb", "master_weights", "reduce_dtype"):
-                if theirs[key] != first[key]:
-                    diffs.append(f"{key}: rank 0 has {first[key]!r}, rank {rank} has "
-                                 f"{theirs[key]!r}")
-            if len(theirs["groups"]) != len(first["groups"]):
-                diffs.append(f"number of param groups: rank 0 has {len(first['groups'])}, "
-                             f"rank {rank} has {len(theirs['groups'])}")
-                continue
-            for i, (a, b) in enumerate(zip(first["groups"], theirs["groups"])):
-                for key in a:
-                    if a[key] != b[key]:
-                        diffs.append(f"param group {i} {key}: rank 0 has {a[key]!r}, "
-                                     f"rank {rank} has {b[key]!r}")
-        return diffs
+    def _check_same_on_all_ranks(self, module: nn.Module | None) -> None:
+        """Every rank must pass the same settings and parameters; else all raise at once."""
+        names = {p: n for n, p in module.named_parameters()} if module is not None else {}
+        check_same_on_all_ranks({
+            "settings": {"sam_mode": self.sam_mode, "bucket_cap_mb": self.bucket_cap_mb,
+                         "master_weights": self.master_weights,
+                         "reduce_dtype": str(self.reduce_dtype)},
+            "groups": [{"hyper": {k: group[k] for k in HYPER_KEYS},
+                        "params": describe_parameters(group["params"], names)}
+                       for group in self.param_groups]}, self.topology.groups)
 
     @torch.no_grad()
     def _broadcast_initial_weights(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import pytest
@@ -48,8 +49,43 @@ def test_mismatched_models_raise_on_every_rank(world):
     params = list(model.parameters())
     if rank == 1:
         params = params[:-1]
-    with pytest.raises(ValueError, match="parameter shapes"):
+    with pytest.raises(ValueError, match="param group 0 parameter count: rank 0 has 5, "
+                                         "rank 1 has 4"):
         ShardedNeuroOptima(params)
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["module", "no_module"])
+def test_requires_grad_differing_on_one_rank_raises_at_construction(world, named):
+    """Every rank raises at once, naming the parameter and the ranks, with a 60 s timeout:
+    otherwise the ranks would expect different gradient buckets and wait out the timeout."""
+    rank, n = world
+    if n == 1:
+        pytest.skip("needs two ranks")
+    model = make_model()
+    model.fc2.weight.requires_grad_(rank != n - 1)
+    name = "parameter 3 (fc2.weight)" if named else "parameter 3"  # gain comes first
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=rf"param group 0 {re.escape(name)} requires_grad: "
+                                         rf"rank 0 has True, rank {n - 1} has False"):
+        ShardedNeuroOptima(model.parameters(), timeout=60, module=model if named else None)
+    elapsed = time.monotonic() - start
+    everyone = [None] * n
+    dist.all_gather_object(everyone, elapsed)
+    assert max(everyone) < 5, everyone
+
+
+@pytest.mark.four_ranks
+def test_a_mismatch_on_a_mesh_raises_on_every_rank(world):
+    """2 x 2 mesh: rank 3 differs, and ranks 0 and 3 share no mesh group; all four raise."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, n = world
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = make_model()
+    model.gain.requires_grad_(rank != 3)
+    with pytest.raises(ValueError, match=r"parameter 0 requires_grad: rank 0 has True, "
+                                         r"rank 3 has False"):
+        ShardedNeuroOptima(model.parameters(), device_mesh=mesh)
 
 
 def test_construction_makes_initial_weights_identical(world):
