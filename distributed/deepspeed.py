@@ -6,13 +6,24 @@ the optimizer and hands DeepSpeed a config without that entry. Everything else i
 ``deepspeed.initialize`` unchanged (same arguments, same returned tuple).
 
 Inside DeepSpeed the optimizer is an ``EngineNeuroOptima``: under ZeRO it is stepped once per
-group on one flat fp32 partition, with no closure. So it never runs SAM itself (``sam_step``
-does, around the engine), creates its Lookahead slow weights from the tensor it actually steps
-(at that tensor's first update, i.e. a copy of its initial value), and makes the non-finite
-skip one decision over the data-parallel group. DeepSpeed clips gradients (``max_grad_norm``
-becomes ``gradient_clipping``, whose coefficient ``max / (norm + 1e-6)`` is the core's).
+group (stage 3: sub-group) on one flat fp32 partition, with no closure; it steps every
+partition together at the last call (see ``deepspeed_zero``), so the non-finite skip, the
+schedule's step count and momentum ascent's norm are one over every group and, through one
+all-reduce, every rank. It never runs gradient-ascent SAM itself (``sam_step`` does, around
+the engine), and creates its Lookahead slow weights from the tensor it actually steps (at that
+tensor's first update, i.e. a copy of its initial value). DeepSpeed clips gradients
+(``max_grad_norm`` becomes ``gradient_clipping``, whose coefficient ``max / (norm + 1e-6)`` is
+the core's).
 
-``sam_step(engine, closure)``, where the closure runs the forward pass and returns the loss:
+Momentum ascent (``sam_ascent="momentum"``) is the core's, inside the client's step: the fp32
+masters (stage 0: the model's weights) hold ``w~`` between steps, and DeepSpeed's own copy to
+the model's partitions and all-gather ship it. It needs no closure, so DeepSpeed's plain loop
+runs it. ``eval_mode(engine)`` / ``train_mode(engine)`` move the masters to ``w`` and back and
+publish them.
+
+``sam_step(engine, closure)``, where the closure runs the forward pass and returns the loss,
+runs gradient-ascent SAM on the steps its schedule (``sam_interval``, ``sam_start``) names and
+a plain forward, backward and step otherwise:
 
 * ``sam_mode="global"`` (every stage): ``engine.backward``; each rank sums the squares of the
   reduced gradient elements it owns (stage 0: all ranks hold the same full gradients, so no
