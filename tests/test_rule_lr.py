@@ -70,3 +70,27 @@ def test_scheduler_starts_from_the_resolved_lr():
 def test_bad_lr_still_names_the_argument():
     with pytest.raises(ValueError, match="lr must be >= 0"):
         NeuroOptima(_params(), lr=-1.0)
+
+
+def test_deepspeed_config_entry_without_lr_takes_the_rules():
+    pytest.importorskip("deepspeed")
+    from neurooptima.distributed.deepspeed import EngineNeuroOptima, split_config
+
+    _, kwargs = split_config({"optimizer": {"type": "NeuroOptima",
+                                            "params": {"update": "lion"}}})
+    assert "lr" not in kwargs
+    optimizer = EngineNeuroOptima(_params(), **kwargs)
+    assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_launcher_without_lr_takes_the_rules():
+    import argparse
+
+    from launch.optimizers import add_optimizer_args, neurooptima_kwargs
+
+    parser = argparse.ArgumentParser()
+    add_optimizer_args(parser)
+    kwargs = neurooptima_kwargs(parser.parse_args(["--update", "lion"]))
+    assert "lr" not in kwargs
+    assert NeuroOptima(_params(), **kwargs).param_groups[0]["lr"] == 1e-3
+    assert neurooptima_kwargs(parser.parse_args(["--lr", "0.02"]))["lr"] == 0.02
