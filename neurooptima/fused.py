@@ -55,7 +55,7 @@ from .norms import local_norm_stats
 from .rules import compute_dtype_for, run_elementwise
 
 __all__ = ["fused_rule_", "fused_step_", "group_rule_", "fused_update_", "fused_norm_stats",
-           "adopt_grads_", "flat_view", "fusable"]
+           "adopt_grads_", "flat_view", "fusable", "moment_sums"]
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); so does the in-kernel clipping.
 CLIP_EPS = 1e-6
@@ -66,7 +66,7 @@ _RECOMPILE_LIMIT = 64
 
 
 def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, structure,
-               compute_dtype, slow):
+               compute_dtype, slow, ascent):
     # One compiled graph per step and run: the coefficients (a scalar prologue) and the
     # elementwise pass over the flat buffers. ``finite`` None: the step is known to be finite
     # (decided on the host, see ``host_reads``), so the graph has no predicate; the graph is
@@ -79,6 +79,8 @@ def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, str
     written = (param, *buffers)
     if finite is not None:
         old = [t.clone() for t in written]  # loads of the inputs: the graph keeps no copy
+    if ascent is not None:  # momentum ascent: from w~ back to w = w~ + s m (momentum_ascent)
+        param.add_(buffers[0].to(param.dtype) * ascent[0])
     g = grad * scalars[n + 1] if clipping else grad
     if seeds_prev and F.RULE_BUFFERS[rule][-1] == "prev_grad":
         # Adan's difference is 0 at k = 1: the previous gradient starts as the first one. In
@@ -96,6 +98,8 @@ def _flat_body(rule, param, grad, buffers, counter, lr, finite, norm, hyper, str
         pulled = slow + (param - slow) * scalars[n + 3]
         slow.copy_(torch.where(due, pulled, slow))
         param.copy_(torch.where(due, pulled, param))
+    if ascent is not None:  # and on to the new w~ = w - s' m' (s' is 0 on a skipped step)
+        param.sub_(buffers[0].to(param.dtype) * ascent[1])
 
 
 def _coefficients(rule, counter, lr, finite, norm, hyper, structure):
@@ -169,7 +173,8 @@ def _compiled(rule: str) -> Callable[..., None]:
 
 def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
                 counter: Tensor, lr: Tensor, finite: Tensor | None, norm: Tensor | None,
-                hyper: tuple, compute_dtype: torch.dtype | None, slow: Tensor | None) -> None:
+                hyper: tuple, compute_dtype: torch.dtype | None, slow: Tensor | None,
+                ascent: Tensor | None = None) -> None:
     fn = _compiled(rule)
     betas, eps, weight_decay, no_prox, max_norm, lookahead_k, alpha = hyper
     device = param.device
@@ -182,12 +187,14 @@ def _run_kernel(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     structure = (len(betas), no_prox, max_norm is not None, lookahead_k, seeds_prev)
     # 1-element, not 0-d: dynamo guards a 0-d float tensor input by reading it (NaN check).
     args = (param, grad, tuple(buffers), counter, lr.reshape(1), finite,
-            None if norm is None else norm.reshape(1), values, structure, compute_dtype, slow)
+            None if norm is None else norm.reshape(1), values, structure, compute_dtype, slow,
+            ascent)
     # What dynamo specialises on: dtypes, None or tensor, the structure, and size 1 (a run
     # of one tensor, one element) against larger sizes.
     signature = (rule, param.dtype, grad.dtype, *(b.dtype for b in buffers), device,
                  counter.dtype, finite is None, norm is None, structure, compute_dtype,
-                 None if slow is None else slow.dtype, param.numel() == 1, counter.numel() == 1)
+                 None if slow is None else slow.dtype, param.numel() == 1, counter.numel() == 1,
+                 ascent is None)
     _call(fn, args, signature)
 
 
@@ -226,7 +233,7 @@ def fused_rule_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     hyper = (tuple(map(float, betas)), float(eps), float(weight_decay), bool(no_prox), None,
              0, 0.0)
     _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(float(lr), device), None,
-                None, hyper, compute_dtype, None)
+                None, hyper, compute_dtype, None, None)
 
 
 # One device tensor per (device, dtype, value) for host constants the kernels take as data (a
@@ -263,7 +270,8 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
                 weight_decay: float, no_prox: bool, compute_dtype: torch.dtype | None = None,
                 finite: Tensor | None = None, norm: Tensor | None = None,
                 max_grad_norm: float | None = None, slow: Tensor | None = None,
-                lookahead_k: int = 0, lookahead_alpha: float = 0.0) -> None:
+                lookahead_k: int = 0, lookahead_alpha: float = 0.0,
+                ascent: Tensor | None = None) -> None:
     """One sync-free update of ``rule`` on flat tensors sharing one step count.
 
     ``counter`` holds the step counters of the run (a 1-D view; all equal), advanced here by
@@ -271,7 +279,9 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
     to be finite, and the kernel has no predicate). With ``max_grad_norm`` the gradient is
     scaled by ``min(1, max_grad_norm / (norm + 1e-6))`` in the kernel; with ``slow``
     (Lookahead's slow weights, ``lookahead_k > 0``) the sync runs in the kernel at every
-    ``lookahead_k``-th update. Nothing is read on the host.
+    ``lookahead_k``-th update. ``ascent`` (momentum ascent: float64 ``[s, s']``) moves the
+    weights from ``w~`` to ``w = w~ + s m`` before the update and to ``w' - s' m'`` after it,
+    in the same pass. Nothing is read on the host.
     """
     device = param.device
     if max_grad_norm is not None and norm is None:
@@ -280,7 +290,7 @@ def fused_step_(rule: str, param: Tensor, grad: Tensor, buffers: Sequence[Tensor
              None if max_grad_norm is None else float(max_grad_norm),
              int(lookahead_k) if slow is not None else 0, float(lookahead_alpha))
     _run_kernel(rule, param, grad, buffers, counter, _lr_tensor(lr, device), finite, norm,
-                hyper, compute_dtype, slow if hyper[5] else None)
+                hyper, compute_dtype, slow if hyper[5] else None, ascent)
 
 
 # ------------------------------------------------------------------------------------------
@@ -422,6 +432,31 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     return stats
 
 
+def _moment_sums_flat(m: Tensor, g: Tensor) -> Tensor:
+    # In float64: squares and products of finite float32 values cannot overflow it, so the
+    # sums are finite exactly when every gradient entry is (see fused_norm_stats).
+    m, g = m.to(torch.float64), g.to(torch.float64)
+    return torch.stack([(m * m).sum(), (m * g).sum(), (g * g).sum()])
+
+
+def moment_sums(moments: list[Tensor], grads: list[Tensor]) -> Tensor:
+    """float64 ``[sum m^2, sum m g, sum g^2]`` over matching tensors, one compiled pass per
+    flat run (momentum ascent's norm of the next moment, see ``momentum_ascent``)."""
+    flat_m = flat_view(moments) if len(moments) > 1 else (moments[0].reshape(-1)
+                                                          if moments else None)
+    flat_g = flat_view(grads) if len(grads) > 1 else (grads[0].reshape(-1) if grads else None)
+    fn = _compile_once(_moment_sums_flat)
+    if flat_m is not None and flat_g is not None and flat_m.numel() == flat_g.numel():
+        pairs = [(flat_m, flat_g)]
+    else:
+        pairs = [(m.reshape(-1), g.reshape(-1)) for m, g in zip(moments, grads)]
+    total = None
+    for m, g in pairs:
+        part = _call(fn, (m, g), (fn, m.dtype, g.dtype, m.device, m.numel() == 1))
+        total = part if total is None else total + part
+    return total
+
+
 def fusable(p: Tensor, g: Tensor) -> bool:
     """Whether the compiled kernel takes parameter ``p`` with gradient ``g``."""
     return _fusable(p, g)
@@ -498,7 +533,8 @@ def _owns_storage(t: Tensor) -> bool:
 def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
                   params: list[Tensor], grads: list[Tensor], names: Sequence[str],
                   tokens: Sequence[Any], *, finite: Tensor | None = None,
-                  norm: Tensor | None = None, slow_key: str | None = None) -> list[int]:
+                  norm: Tensor | None = None, slow_key: str | None = None,
+                  ascent: Tensor | None = None) -> list[int]:
     """Apply ``group``'s rule to ``params`` in flat groups; returns the indices left undone.
 
     ``tokens[i]`` stands for the update history of ``params[i]``: equal tokens mean equal step
@@ -510,10 +546,10 @@ def fused_update_(state: dict[Tensor, dict[str, Any]], group: dict[str, Any],
     buffers (``names`` in kernel order), its ``step`` counter and, with ``slow_key``, its
     Lookahead slow weights; each is rebound to views of flat tensors when needed. ``grads[i]``
     is rebound into the flat layout only when it is ``params[i].grad`` itself (not a clipped
-    or negated copy). ``finite`` and ``norm`` as in ``fused_step_``.
+    or negated copy). ``finite``, ``norm`` and ``ascent`` as in ``fused_step_``.
     """
     state_dtype = group.get("state_dtype")
-    run = _Run(state, group, names, finite, norm, slow_key)
+    run = _Run(state, group, names, finite, norm, slow_key, ascent)
     flats = _one_flat_run(params, grads)
     if flats is not None and len(set(tokens)) == 1:  # the steady state: one run, one count
         run(params, grads, compute_dtype_for(flats[0].dtype, state_dtype), *flats)
@@ -545,9 +581,9 @@ class _Run:
     """Runs the kernel on one run of parameters, laying out its gradients, counters, buffers
     and slow weights as flat tensors where they are not already."""
 
-    def __init__(self, state, group, names, finite, norm, slow_key) -> None:
+    def __init__(self, state, group, names, finite, norm, slow_key, ascent) -> None:
         self.state, self.group, self.names = state, group, names
-        self.finite, self.norm, self.slow_key = finite, norm, slow_key
+        self.finite, self.norm, self.slow_key, self.ascent = finite, norm, slow_key, ascent
 
     def __call__(self, ps, gs, compute_dtype, flat_p, flat_g=None) -> None:
         if flat_p is None:  # adjacent by chance but separate allocations: one at a time
@@ -565,13 +601,14 @@ class _Run:
             flats[name] = _flat([self.state[p][name] for p in ps], rebind)
         group_rule_(self.group, flat_p, flat_g, [flats[name] for name in self.names],
                     flats["step"], compute_dtype, finite=self.finite, norm=self.norm,
-                    slow=flats.get(self.slow_key) if self.slow_key else None)
+                    slow=flats.get(self.slow_key) if self.slow_key else None,
+                    ascent=self.ascent)
 
 
 def group_rule_(group: dict[str, Any], param: Tensor, grad: Tensor, buffers: Sequence[Tensor],
                 counter: Tensor, compute_dtype: torch.dtype | None, *,
                 finite: Tensor | None = None, norm: Tensor | None = None,
-                slow: Tensor | None = None) -> None:
+                slow: Tensor | None = None, ascent: Tensor | None = None) -> None:
     """``fused_step_`` with the rule and hyperparameters of the param group ``group``;
     clipping applies when ``norm`` is given (else the gradients are used as they are)."""
     fused_step_(group["update"], param, grad, buffers, counter, lr=group["lr"],
@@ -579,4 +616,4 @@ def group_rule_(group: dict[str, Any], param: Tensor, grad: Tensor, buffers: Seq
                 no_prox=group["no_prox"], compute_dtype=compute_dtype, finite=finite,
                 norm=norm, max_grad_norm=group["max_grad_norm"] if norm is not None else None,
                 slow=slow, lookahead_k=group["lookahead_k"],
-                lookahead_alpha=group["lookahead_alpha"])
+                lookahead_alpha=group["lookahead_alpha"], ascent=ascent)

@@ -107,8 +107,11 @@ def take_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]], nor
     ``norm_stats(tensors, owners)`` sums the packed norm statistics over every holder (the
     optimizer's ``_norm_stats``): one reduction for the whole model.
     """
-    ascending = [group for group in groups if ascends(group)]
-    if not ascending:
+    for group in groups:  # ascent switched off (sam_rho set to 0): the weights stay at w
+        if _held(group) and not ascends(group):
+            group[SCALE] = 0.0 if finite is None else torch.where(
+                finite, 0.0, _scale_tensor(group, finite.device))
+    if not any(ascends(group) for group in groups):
         return
     terms: list[Tensor] = []
     owners: list[Tensor] = []
@@ -164,3 +167,91 @@ def to_train_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]])
             point = state[p].pop(POINT, None) if p in state else None
             if point is not None:
                 local(p).copy_(local(point))
+
+
+# The first moment's decay in each rule's update: m' = b m + (1 - b) g.
+_MOMENT_BETA = {"adan": 0, "lion": 1, "lion_adan": 0}
+
+
+def _kernel_can_ascend(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
+                       per_group: list[tuple[list[Tensor], list[Tensor]]]) -> bool:
+    """Whether the fused kernel can move to ``w`` and back itself this step: the SAM form,
+    buffers in the weights' precision, and every parameter with a first moment has a
+    gradient (and the other way round)."""
+    if not any(ascends(group) for group in groups):
+        return False
+    for group, (params, _) in zip(groups, per_group):
+        if _held(group) and not ascends(group):
+            return False  # ascent switched off: the pieces above take the weights back
+        if (ascends(group) and group["sam_adaptive"]) or group.get("state_dtype") is not None:
+            return False
+        with_m, _ = _with_moment(state, group)
+        if len(with_m) != len(params) or set(with_m) != set(params):
+            return False
+    return True
+
+
+def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
+                per_group: list[tuple[list[Tensor], list[Tensor]]], reduce_stats
+                ) -> Tensor | None:
+    """The step's gradient statistics and what ``s'`` needs, from one read of ``g`` and ``m``.
+
+    ``s'`` needs ``||m'||`` before the kernel writes ``m'``. With ``m' = b m + (1 - b) c g``
+    (``c`` the clipping factor) it follows from sums taken while the gradient is read for its
+    own statistics: ``||m'||^2 = b^2 sum m^2 + 2 b (1 - b) c sum m g + (1 - b)^2 c^2 sum g^2``
+    (float64). Returns the packed float64 ``[sum g^2, non-finite, (sum m^2, sum m g,
+    sum g^2) per group]`` summed over every holder (``reduce_stats``: one reduction), whose
+    first two entries are ``norms.local_norm_stats``'s; None where the kernel cannot ascend.
+    """
+    from .fused import moment_sums
+
+    if not _kernel_can_ascend(state, groups, per_group):
+        return None
+    device = next(g for _, grads in per_group for g in grads).device
+    parts = []
+    for group, (params, grads) in zip(groups, per_group):
+        if not params:
+            parts.append(torch.zeros(3, dtype=torch.float64, device=device))
+            continue
+        moments = [state[p][_moment_key(group)] for p in params]  # in the gradients' order
+        parts.append(moment_sums(moments, grads).to(device))
+    sums = torch.cat(parts)
+    grad_sq = sums[2::3].sum()
+    finite = torch.isfinite(grad_sq)  # float32 or narrower squares cannot overflow float64
+    head = torch.stack([torch.where(finite, grad_sq, 0.0), (~finite).to(torch.float64)])
+    return reduce_stats(torch.cat([head, sums]))
+
+
+# The first moment's decay in each rule's update: m' = b m + (1 - b) g.
+_MOMENT_BETA = {"adan": 0, "lion": 1, "lion_adan": 0}
+
+
+def fused_scales(groups: list[dict[str, Any]], packed: Tensor, norm: Tensor | None,
+                 finite: Tensor | None) -> list[Tensor | None]:
+    """Per group ``[s, s']`` for the fused kernel (None: a group that does not ascend), from
+    ``fused_stats``'s sums; ``norm`` is the gradients' global norm (for the clipping factor),
+    ``finite`` the sync-free skip predicate (``s'`` is then 0 in the kernel and not stored)."""
+    total = None
+    for i, group in enumerate(groups):
+        a, b_sum, c_sum = packed[2 + 3 * i:5 + 3 * i]
+        b = group["betas"][_MOMENT_BETA[group["update"]]]
+        c = 1.0
+        if group["max_grad_norm"] is not None:
+            c = torch.clamp(group["max_grad_norm"] / (norm.to(torch.float64) + 1e-6), max=1.0)
+        part = b * b * a + 2 * b * (1 - b) * c * b_sum + (1 - b) ** 2 * c * c * c_sum
+        total = part if total is None else total + part
+    new_norm = total.sqrt()
+    out: list[Tensor | None] = []
+    for group in groups:
+        if not ascends(group):
+            out.append(None)
+            continue
+        old = _scale_tensor(group, new_norm.device)
+        if group["sam_clock"] <= group["sam_warmup"]:
+            scale = torch.zeros_like(old)
+        else:
+            scale = group["sam_rho"] / (new_norm + NORM_EPS)
+        applied = scale if finite is None else torch.where(finite, scale, 0.0)
+        group[SCALE] = scale if finite is None else torch.where(finite, scale, old)
+        out.append(torch.stack([old, applied]))
+    return out

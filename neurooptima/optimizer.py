@@ -627,10 +627,14 @@ class NeuroOptima(Optimizer):
         per_group = [self._grads(group) for group in self.param_groups]
         # The norm's value matters only for clipping; every step checks finiteness.
         clipping = any(group["max_grad_norm"] is not None for group in self.param_groups)
-        stats = self._norm_stats(*self._update_norm_terms(per_group), norm=clipping)
         sync_free = self._sync_free(per_group)
+        # Momentum ascent in the fused kernel: the gradient statistics come with its sums.
+        packed = (momentum_ascent.fused_stats(self.state, self.param_groups, per_group,
+                                              self._reduce_norm_stats) if sync_free else None)
+        stats = (packed[:2] if packed is not None else
+                 self._norm_stats(*self._update_norm_terms(per_group), norm=clipping))
         if sync_free and not host_reads.reads_are_free(stats.device):
-            self._apply_fused(per_group, stats)
+            self._apply_fused(per_group, stats, packed)
             return
         # The one host read of the step: the skip decision (free on the CPU; an eager
         # step's kernels take numbers anyway).
@@ -639,7 +643,7 @@ class NeuroOptima(Optimizer):
             self._skip_step()
             return
         if sync_free:  # the fused kernel without its predicate, clipping inside it
-            self._apply_fused(per_group, stats, known_finite=True)
+            self._apply_fused(per_group, stats, packed, known_finite=True)
             return
         momentum_ascent.leave_(self.state, self.param_groups)
         for group, (params, grads) in zip(self.param_groups, per_group):
@@ -679,7 +683,8 @@ class NeuroOptima(Optimizer):
         self._warn_skipped(self._skipped_total + self._device_skips_seen)
 
     def _apply_fused(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
-                         stats: Tensor, *, known_finite: bool = False) -> None:
+                     stats: Tensor, packed: Tensor | None, *, known_finite: bool = False
+                     ) -> None:
         """The fused step, clipping and Lookahead inside the kernel. By default sync-free: the
         kernel stores ``where(finite, new, old)``, so a step with a non-finite gradient moves
         no weight, buffer, counter or slow weight, nothing is read on the host, and the skip
@@ -690,16 +695,22 @@ class NeuroOptima(Optimizer):
             norm, predicate = (stats[0].sqrt() if clipping else None), None
         else:
             norm, predicate = device_norm(stats)
-        momentum_ascent.leave_(self.state, self.param_groups, predicate)
-        for group, (params, grads) in zip(self.param_groups, per_group):
+        # Momentum ascent inside the kernel where it can (``packed``), else around it.
+        scales = (None if packed is None else
+                  momentum_ascent.fused_scales(self.param_groups, packed, norm, predicate))
+        if scales is None:
+            momentum_ascent.leave_(self.state, self.param_groups, predicate)
+        for i, (group, (params, grads)) in enumerate(zip(self.param_groups, per_group)):
             if not params:
                 continue
             if group["lookahead_k"] > 0:
                 self._ensure_slow(params)
             clip = group["max_grad_norm"] is not None
             self._apply_rule(group, params, grads, finite=predicate,
-                             norm=norm if clip else None)
-        momentum_ascent.take_(self.state, self.param_groups, self._norm_stats, predicate)
+                             norm=norm if clip else None,
+                             ascent=None if scales is None else scales[i])
+        if scales is None:
+            momentum_ascent.take_(self.state, self.param_groups, self._norm_stats, predicate)
         if predicate is not None:
             self._count_skip_on_device(predicate)
 
@@ -799,8 +810,8 @@ class NeuroOptima(Optimizer):
         return group["foreach"]
 
     def _apply_rule(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    *, finite: Tensor | None = None, norm: Tensor | None = None
-                    ) -> list[Tensor]:
+                    *, finite: Tensor | None = None, norm: Tensor | None = None,
+                    ascent: Tensor | None = None) -> list[Tensor]:
         """Apply the group's rule; returns the parameters whose Lookahead sync is still to do
         (the fused kernel does its own). ``finite``/``norm``: the sync-free step's predicate
         and clipping norm (fused parameters only)."""
@@ -813,7 +824,7 @@ class NeuroOptima(Optimizer):
             group_rule_(group, layout.flat_param, layout.flat_grad, layout.flat_buffers,
                         layout.flat_step,
                         compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")),
-                        finite=finite, norm=norm, slow=layout.flat_slow)
+                        finite=finite, norm=norm, slow=layout.flat_slow, ascent=ascent)
             # A layout's parameters share one count and move together (see _tokens_of).
             self._moved_together[id(layout)] = params
             return []
@@ -844,11 +855,12 @@ class NeuroOptima(Optimizer):
             from .fused import fused_update_  # imports torch.compile
 
             rest_idx = fused_update_(self.state, group, params, grads, names, tokens,
-                                     finite=finite, norm=norm, slow_key=slow_key)
+                                     finite=finite, norm=norm, slow_key=slow_key,
+                                     ascent=ascent)
             params, grads = [params[i] for i in rest_idx], [grads[i] for i in rest_idx]
             if not params:
                 return []
-            if finite is not None or norm is not None:
+            if finite is not None or norm is not None or ascent is not None:
                 raise RuntimeError("internal: a fused step with its skip or clipping inside "
                                    "the kernel left parameters to the eager kernels")
         torch._foreach_add_([self.state[p]["step"] for p in params], 1)
