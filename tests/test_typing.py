@@ -38,7 +38,7 @@ def test_mypy_strict_reports_a_wrong_typed_lr(tmp_path):
     print(result.stdout)
     errors = [line for line in result.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, result.stdout
-    assert 'Argument "lr" to "NeuroOptima" has incompatible type "str"; expected "float"' \
+    assert 'Argument "lr" to "NeuroOptima" has incompatible type "str"; expected "float | None"' \
         in errors[0]
     # Without the marker mypy would not read the annotations at all.
     (site / "neurooptima" / "py.typed").unlink()
