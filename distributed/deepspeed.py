@@ -512,10 +512,28 @@ def _switch(engine, *, evaluating: bool) -> None:
         return  # the model holds w already (decided from the config: alike on every rank)
     switch = optimizer.eval if evaluating else optimizer.train
     parts = optimizer.partitions
-    if parts is None:  # stage 0: the optimizer steps the model's own tensors
+    if parts is None:  # stage 0: the model's own tensors, or fp32 copies of bf16/fp16 ones
+        pairs = _stage0_masters(engine, optimizer)
         switch()
+        for model_weight, master in pairs:
+            model_weight.data.copy_(master.data)
         return
     with parts.shown(optimizer.all_groups):
         switch()
     parts.copy_to_model()
     parts.publish()
+
+
+def _stage0_masters(engine, optimizer: EngineNeuroOptima) -> list[tuple[Tensor, Tensor]]:
+    """(model weight, fp32 master) pairs where DeepSpeed's stage 0 keeps masters of
+    low-precision weights (its unfused bf16/fp16 wrapper); none where the optimizer steps the
+    model's own tensors."""
+    wrapper = engine.optimizer
+    if wrapper is optimizer:
+        return []
+    low, high = getattr(wrapper, "fp16_groups", None), getattr(wrapper, "fp32_groups", None)
+    if low is None or high is None:
+        raise ValueError(f"eval_mode/train_mode cannot reach the weights DeepSpeed's "
+                         f"{type(wrapper).__name__} keeps at ZeRO stage 0; use ZeRO stage 1-3 "
+                         f"(or fp32) with momentum ascent")
+    return [(lp, hp) for lows, highs in zip(low, high) for lp, hp in zip(lows, highs)]
