@@ -353,8 +353,9 @@ class _Owned:
 def _client(engine) -> EngineNeuroOptima:
     optimizer = getattr(engine, "basic_optimizer", None)
     if not isinstance(optimizer, EngineNeuroOptima):
-        raise ValueError("sam_step needs an engine built by neurooptima.distributed.deepspeed."
-                         "initialize with {\"optimizer\": {\"type\": \"NeuroOptima\"}} in its config")
+        raise ValueError("sam_step, eval_mode and train_mode need an engine built by "
+                         "neurooptima.distributed.deepspeed.initialize with "
+                         "{\"optimizer\": {\"type\": \"NeuroOptima\"}} in its config")
     return optimizer
 
 

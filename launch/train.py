@@ -43,9 +43,9 @@ from launch.strategies import STRATEGIES, make_strategy
 # Flags that must match between a run and its resumption (the rest may change, e.g. --epochs).
 RESUME_KEYS = ("strategy", "dataset", "model", "optimizer", "batch_size", "seed", "subset",
                "test_subset", "seq_len", "lr", "weight_decay", "sam_rho", "sam_adaptive",
-               "sam_eta", "sam_ascent", "sam_warmup", "sam_interval", "sam_start", "lookahead_k", "lookahead_alpha", "betas", "eps", "update",
-               "beta_diff", "no_prox", "max_grad_norm", "momentum", "sam_mode", "zero_stage",
-               "world_size")
+               "sam_eta", "sam_ascent", "sam_warmup", "sam_interval", "sam_start",
+               "lookahead_k", "lookahead_alpha", "betas", "eps", "update", "beta_diff",
+               "no_prox", "max_grad_norm", "momentum", "sam_mode", "zero_stage", "world_size")
 # A simulated crash exits with this code (any non-zero code would do for torchrun).
 CRASH_EXIT_CODE = 17
 
