@@ -103,6 +103,35 @@ def test_trainer_without_sam_is_plain_trainer(tmp_path):
     assert _max_error(model, reference) < 1e-6
 
 
+def test_plain_trainer_runs_the_one_gradient_form(tmp_path):
+    """sam_ascent="momentum" needs no adapter: plain Trainer (which calls the optimizer's
+    train() every step) trains as a loop of backward() and step() does."""
+    transformers = pytest.importorskip("transformers")
+    samples = _samples(16)
+    model = Net()
+    reference = copy.deepcopy(model)
+    hyper = dict(HYPER, sam_rho=1.0, sam_ascent="momentum")
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[],
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, max_grad_norm=0.0,
+        lr_scheduler_type="constant", remove_unused_columns=False, num_train_epochs=1)
+
+    class InOrder(transformers.Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    InOrder(model=model, args=arguments, train_dataset=samples,
+            optimizers=(NeuroOptima(model.parameters(), **hyper), None)).train()
+    optimizer = NeuroOptima(reference.parameters(), **hyper)
+    for start in range(0, 16, 4):
+        chunk = samples[start:start + 4]
+        optimizer.zero_grad()
+        reference(torch.stack([s["x"] for s in chunk]),
+                  torch.stack([s["labels"] for s in chunk]))["loss"].backward()
+        optimizer.step()
+    assert _max_error(model, reference) < 1e-6
+
+
 def test_trainer_optimizer_cls_and_kwargs_takes_weight_decay_from_args(tmp_path):
     """Trainer's own convention, stated in docs/integrations.md: its two param groups get
     args.weight_decay (default 0.0) and 0.0, whatever the kwargs say; lr comes from kwargs."""
