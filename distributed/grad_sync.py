@@ -26,6 +26,7 @@ of the step (the finite check, clipping, the SAM norm, the update) stays on the 
 from __future__ import annotations
 
 import datetime
+import sys
 import weakref
 from typing import Callable
 
@@ -50,6 +51,24 @@ GRADIENT_EDIT_ERROR = (
     "neurooptima.distributed.ShardedGradScaler (its unscale_ and step work on the reduced "
     "gradients); change gradients before they are reduced with a hook on the tensor "
     "(p.register_hook) instead")
+
+
+# Every live GradientSync, to tell a second optimizer on the same parameters from accumulation.
+_LIVE: "weakref.WeakSet[GradientSync]" = weakref.WeakSet()
+
+
+def _in_nested_backward() -> bool:
+    """Whether this runs inside a backward started from a Python autograd function's backward
+    (reentrant activation checkpointing re-runs its segment and calls ``torch.autograd.backward``
+    there): the backward that called it is still producing gradients."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "apply" and code.co_filename.endswith(
+                ("torch/autograd/function.py", "torch\\autograd\\function.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class GradientSync:
@@ -79,6 +98,7 @@ class GradientSync:
         self._hooked: set[int] = set()
         self._hooks: list = []
         self.add_hooks()
+        _LIVE.add(self)
 
     # ------------------------------------------------------------------ hooks
 
@@ -106,9 +126,7 @@ class GradientSync:
             return
         position, slot = self._slots[p]
         if position < self._next:  # its bucket is already on its way
-            raise RuntimeError("a gradient was produced twice before step(): accumulate "
-                               "micro-batches inside optimizer.no_sync() and run the last "
-                               "backward outside it")
+            raise RuntimeError(self._twice_message(p, slot.index))
         if not self._callback_queued:
             Variable._execution_engine.queue_callback(self._backward_ended)
             self._callback_queued = True
@@ -116,6 +134,20 @@ class GradientSync:
             self.ready_order.append(slot.index)
         self.buckets[position].ready.add(slot.index)
         self._launch_ready()
+
+    def _twice_message(self, p: Tensor, index: int) -> str:
+        shape = tuple(p.shape)
+        if any(other is not self and other._hooks and p in other._slots
+               for other in list(_LIVE)):
+            return (f"the gradient of parameter {index} (shape {shape}) reached a "
+                    f"ShardedNeuroOptima that has not stepped since its last backward, while "
+                    f"another ShardedNeuroOptima synchronizes the same parameter: two optimizers "
+                    f"are hooked to it. Call remove_hooks() on the one you no longer use (e.g. "
+                    f"before building a resumed optimizer), or drop every reference to it")
+        return (f"the gradient of parameter {index} (shape {shape}) was produced twice before "
+                f"step(): its bucket had already been reduced. To accumulate micro-batches, run "
+                f"all but the last backward inside optimizer.no_sync(); to run SAM's two passes, "
+                f"call first_step() between the backwards")
 
     def _launch_ready(self) -> None:
         """Start the reduce-scatter of every complete bucket up to the first incomplete one."""
@@ -152,6 +184,10 @@ class GradientSync:
 
     def _backward_ended(self) -> None:
         self._callback_queued = False
+        if _in_nested_backward():
+            # The end of a reentrant checkpoint's inner backward, not of the user's: the next
+            # gradient of the outer backward queues the callback again (or step() launches).
+            return
         self.launch_all()
 
     def launch_all(self) -> None:

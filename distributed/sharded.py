@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import sys
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -243,9 +244,12 @@ class ShardedNeuroOptima(Optimizer):
             for slot in bucket.slots:
                 self._slots[slot.param] = (bucket, slot)
                 self._chunks[slot.param] = bucket.chunk_view(bucket.owned, slot)
+        # A weak reference: an optimizer the user drops is freed at once, and with it the
+        # gradient hooks (they hold the sync weakly), without waiting for the cycle collector.
+        me = weakref.ref(self)
         self._sync = GradientSync(self._buckets, self.process_group, self.world_size,
                                   self.timeout,
-                                  suspended=lambda: self._no_sync or self._holds_first_pass(),
+                                  suspended=lambda: me()._no_sync or me()._holds_first_pass(),
                                   replicate_group=self.topology.replicate_group,
                                   replicas=self.topology.replicas)
         self._weights = WeightGather(self._buckets, self.process_group, self.timeout,
