@@ -86,8 +86,10 @@ def check_step(optimizer: Any, args: tuple, kwargs: dict) -> None:
         path, name = frame.f_code.co_filename, frame.f_code.co_name
         owner = frame.f_locals.get("self")
         if closure is None:
+            module = frame.f_locals.get("model")  # manual optimization gets the core's error
             if (name == "optimizer_step" and "lightning" in path
-                    and getattr(owner, "scaler", None) is not None):
+                    and getattr(owner, "scaler", None) is not None
+                    and getattr(module, "automatic_optimization", True)):
                 raise RuntimeError(LIGHTNING_FP16)
             continue
         if name == "optimizer_step" and "lightning" in path:
