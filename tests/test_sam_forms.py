@@ -354,3 +354,30 @@ def test_trainer_convention_train_eval():
     opt.train()
     averaged = torch.optim.swa_utils.AveragedModel(model)
     assert averaged is not None
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_kernel_ascent_in_the_steady_fused_layout(rule, monkeypatch):
+    """Gradients kept between steps (the fused layout's steady state): the kernel moves to w
+    and back itself, and still matches the reference; clipping and Lookahead inside too."""
+    from neurooptima import momentum_ascent
+
+    calls = []
+    leave = momentum_ascent.leave_
+    monkeypatch.setattr(momentum_ascent, "leave_",
+                        lambda *a, **k: (calls.append(1), leave(*a, **k))[1])
+    options = dict(update=rule, sam_ascent="momentum", sam_rho=2.0, lr=1e-2, lookahead_k=3,
+                   max_grad_norm=0.05, sam_warmup=1)
+    model, batches = _problem(torch.float32)
+    twin = copy.deepcopy(model)
+    params = list(model.parameters())
+    opt = NeuroOptima(params, **options, fused=True)
+    ref = ScheduledReference([{"params": list(twin.parameters())}], **options)
+    for t in range(7):
+        x, y = batches[t % 4]
+        opt.zero_grad(set_to_none=False)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        ref.step(_closure(twin, list(twin.parameters()), x, y))
+    assert len(calls) == 1  # the first step only (its moments did not exist yet)
+    assert _rel(params, list(twin.parameters())) < 1e-6
