@@ -44,6 +44,12 @@ class ShardSlot:
     offset: int  # start of this parameter's chunk inside a bucket section
     valid: int  # real (unpadded) elements in this rank's chunk
     start: int  # first flat element this rank owns: rank * c
+    # The parameter's version counter when this rank last wrote it (or laid it out): a later
+    # one means it was replaced or edited from outside (load_state_dict, a rollback).
+    written_version: int = field(default=-1)
+
+    def __post_init__(self) -> None:
+        self.written_version = self.param._version
 
     def pad_flat(self, full: Tensor, world_size: int) -> Tensor:
         """``full`` (shaped like the parameter) flattened and zero-padded to ``N c``."""
@@ -182,17 +188,20 @@ class Bucket:
     def pull_owned(self) -> None:
         """Refresh this rank's weight chunks from the (full) module parameters.
 
-        With master weights only the elements whose parameter value differs from the master
-        rounded to the parameters' dtype are taken (a user loaded or edited them); the others
-        keep the master's extra precision.
+        With master weights, a parameter written since this rank last wrote it (its version
+        counter moved: ``load_state_dict``, a rollback, an in-place edit) replaces its whole
+        master chunk; otherwise only elements whose value differs from the master rounded to
+        the parameters' dtype are taken (an edit through ``p.data``, which no counter sees),
+        and the others keep the master's extra precision.
         """
         for slot in self.slots:
             chunk = self.chunk_view(self.owned, slot)[:slot.valid]
             piece = slot.param.detach().reshape(-1)[slot.start:slot.start + slot.valid]
-            if self.has_master:
+            if self.has_master and slot.param._version == slot.written_version:
                 chunk.copy_(torch.where(chunk.to(self.dtype) == piece, chunk, piece.to(chunk)))
             else:
                 chunk.copy_(piece)
+            slot.written_version = slot.param._version
             self.chunk_view(self.owned, slot)[slot.valid:].zero_()
 
     @torch.no_grad()
@@ -208,6 +217,7 @@ class Bucket:
                 flat = torch.empty(slot.numel, dtype=self.dtype, device=self.device)
                 _flat_from_rows(flat, view, slot.numel, slot.chunk)
                 p.copy_(flat.view(p.shape))
+            slot.written_version = slot.param._version
 
     @torch.no_grad()
     def pack_params(self) -> Tensor:

@@ -126,6 +126,35 @@ def test_user_edits_of_bf16_weights_reach_the_master(world):
     assert torch.equal(chunk.detach()[:slot.valid].bfloat16().float(), own)
 
 
+def test_rolled_back_bf16_weights_replace_the_whole_master(world):
+    """model.load_state_dict of earlier bfloat16 weights mid-run: the master becomes those
+    weights exactly, also where an element's bfloat16 value did not change. Reference: a fresh
+    optimizer on the rolled-back model with the same optimizer state but no master, whose
+    masters are the weights; both then train bit for bit alike."""
+    rank, n = world
+    hyper = dict(HYPER, lookahead_k=0)
+    model = _bf16_model(9)
+    optimizer = ShardedNeuroOptima(model.parameters(), **hyper)
+    _train_range(model, optimizer, range(3), rank, n)
+    earlier = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_range(model, optimizer, range(3, 6), rank, n)
+    unchanged = sum(int(torch.eq(earlier[k], v).sum()) for k, v in model.state_dict().items())
+    assert unchanged > 0  # lr 1e-4: many bfloat16 values did not move, their masters did
+    state = optimizer.state_dict()
+    model.load_state_dict(earlier)  # the rollback
+
+    reference = _bf16_model(9)
+    reference.load_state_dict(earlier)
+    ref_opt = ShardedNeuroOptima(reference.parameters(), **hyper)
+    for entry in state["state"].values():
+        entry.pop("master")
+    ref_opt.load_state_dict(state)
+    _train_range(model, optimizer, range(6, 8), rank, n)
+    _train_range(reference, ref_opt, range(6, 8), rank, n)
+    assert all(torch.equal(a, b) for a, b in zip(_masters(optimizer, model),
+                                                 _masters(ref_opt, reference)))
+
+
 @pytest.mark.parametrize("how", ["full_state_dict", "sharded_checkpoint"])
 def test_checkpoints_keep_the_master_weights_and_resume_exactly(world, tmp_path_factory, how):
     import torch.distributed as dist
