@@ -90,3 +90,24 @@ def test_torch_scalers_unscale_is_refused_like_their_step(world, scaler_cls):
             optimizer.second_step()
             assert not all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert agree_max(0.0 if messages == [TORCH_SCALER_ERROR] * 2 else 1.0) == 0.0, messages
+
+
+@pytest.mark.four_ranks
+@pytest.mark.filterwarnings("ignore:NeuroOptima skipped a step")
+def test_sharded_grad_scaler_two_phase_sam_on_a_mesh_follows_ddp(world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, n = world
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = make_model(5)
+    optimizer = ShardedNeuroOptima(model.parameters(), device_mesh=mesh, **HYPER)
+    scaler = ShardedGradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    reference = make_model(5)
+    ddp = nn.parallel.DistributedDataParallel(reference)
+    ref_opt = NeuroOptima(ddp.parameters(), **HYPER)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    for step in range(STEPS):
+        _two_phase(model, optimizer, scaler, step, rank, n)
+        _two_phase(ddp, ref_opt, ref_scaler, step, rank, n)
+        assert scaler.get_scale() == ref_scaler.get_scale()
+    assert agree_max(relative_error(model, reference)) <= 1e-6

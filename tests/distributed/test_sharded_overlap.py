@@ -235,3 +235,23 @@ def test_functional_call_with_the_models_own_parameters_waits(world):
         out = torch.func.functional_call(model, dict(model.named_parameters()), (x,))
         optimizer.wait_for_weights()
         assert torch.equal(out, model(x))
+
+
+@pytest.mark.four_ranks
+def test_overlap_on_a_mesh_is_bitwise_the_plain_run(world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, n = world
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    runs = []
+    for overlap in (False, True):
+        model = TinyGPT()
+        optimizer = ShardedNeuroOptima(model.parameters(), module=model, device_mesh=mesh,
+                                       bucket_cap_mb=0.001, overlap_param_gather=overlap,
+                                       **HYPER)
+        for step in range(STEPS):
+            optimizer.zero_grad()
+            _loss(model, _batch(model, step, rank, n)[0]).backward()
+            optimizer.step()
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
