@@ -1,11 +1,14 @@
 """``NeuroOptima``: Adan / Lion / Lion-Adan updates with optional SAM (or ASAM) and Lookahead.
 
 The class is a thin ``torch.optim.Optimizer`` around the pure functions in ``functional``,
-``sam``, ``lookahead`` and ``norms``; it only gathers tensors, keeps state and orders the phases
-of a step:
+``sam``, ``momentum_ascent``, ``lookahead`` and ``norms``; it only gathers tensors, keeps state
+and orders the phases of a step:
 
-    first pass (closure)  ->  global norm  ->  perturb to w + e          (SAM on)
+    first pass (closure)  ->  global norm  ->  perturb to w + e          (SAM due this step)
     second pass (closure) ->  restore w    ->  check / clip  ->  update  ->  Lookahead sync
+
+With momentum ascent the one pass runs at ``w~``; the update goes back to ``w`` first and on
+to the new ``w~`` after (inside the fused kernel where it can, see ``momentum_ascent``).
 
 Per-parameter state keys are namespaced: ``step`` (tensor counter of applied updates),
 ``adan.exp_avg`` ... (the rule's buffers, see ``functional.RULE_BUFFERS``), ``lookahead.slow``
@@ -38,10 +41,6 @@ the warning may come a step late). The reads that remain, and why:
 
 from __future__ import annotations
 
-import itertools
-import os
-import sys
-import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
@@ -54,9 +53,11 @@ from .dtensor import check_fsdp1_connected, local, local_list, mesh_norm_stats, 
 from .lookahead import lookahead_sync_
 from .norms import device_norm, local_norm_stats, norm_from_stats
 from .sam import gradient_due, norm_terms, perturb_
-from .validation import check_group, prepare_group
 from . import host_reads, momentum_ascent, reduced_state, state_validation
+from .count_tokens import CountTokens
 from .rules import compute_dtype_for, run_rule
+from .skipped_steps import SkipLog, SkippedStepWarning
+from .validation import check_group, prepare_group
 
 __all__ = ["NeuroOptima", "SkippedStepWarning"]
 
@@ -72,10 +73,6 @@ HYPER_KEYS = ("lr", "weight_decay", "sam_rho", "lookahead_k", "lookahead_alpha",
               "update", "beta_diff", "no_prox", "sam_adaptive", "sam_eta", "max_grad_norm",
               "maximize", "foreach", "fused", "state_dtype", "sam_ascent", "sam_warmup",
               "sam_interval", "sam_start")
-
-
-class SkippedStepWarning(RuntimeWarning):
-    """A step was skipped because a gradient held inf or nan (see ``skipped_steps``)."""
 
 
 def _fingerprint(group: dict[str, Any]) -> tuple:
@@ -96,61 +93,6 @@ def _tensor_step(value: Any, device: torch.device | None = None) -> Tensor:
 
 def _new_step(p: Tensor) -> Tensor:
     return torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
-
-
-class _SkipMonitor:
-    """Counts skipped steps on the device and reads the count without waiting for it.
-
-    Each call adds the step's ``skipped`` flag on the device and starts a non-blocking copy of
-    the count into host memory (pinned on a GPU); the host value is read once that copy has
-    completed (on the CPU at once; on a GPU at a later step, when its event has completed, so
-    a warning may come a step or two late). Nothing waits for the device. While a CUDA graph
-    is being captured no copy is started.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        cuda = device.type == "cuda"
-        self.count = torch.zeros((), dtype=torch.int64, device=device)
-        self.host = torch.zeros((), dtype=torch.int64, pin_memory=cuda)
-        self.event = torch.cuda.Event() if cuda else None
-        self.pending = False
-
-    def add(self, skipped: Tensor) -> int | None:
-        """Add ``skipped`` (0-d bool); returns the count last copied to the host, if new."""
-        self.count.add_(skipped)
-        if self.event is not None:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            seen = self._read() if self.pending and self.event.query() else None
-            if not self.pending or seen is not None:
-                self.host.copy_(self.count, non_blocking=True)
-                self.event.record()
-                self.pending = True
-            return seen
-        self.host.copy_(self.count)
-        return self._read()
-
-    def _read(self) -> int:
-        self.pending = False
-        return int(self.host.numpy())  # host memory a completed copy wrote: no device wait
-
-
-_PACKAGE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
-                 os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "distributed"))
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside this package (and torch's wrappers), so
-    a warning names the user's line that called the optimizer."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not (path.startswith(_PACKAGE_DIRS) or f"{os.sep}torch{os.sep}" in path):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
 
 
 NEED_CLOSURE = ("SAM (sam_rho > 0, sam_ascent='gradient') evaluates the gradient twice on this "
@@ -265,17 +207,8 @@ class NeuroOptima(Optimizer):
         # id(group) -> (group, its hyperparameters when last checked): a step re-checks a group
         # only when one of them changed.
         self._checked: dict[int, tuple[dict[str, Any], tuple]] = {}
-        self._skipped_total = 0  # steps skipped for non-finite gradients, for the warning
-        self._next_warning = 1
-        self._monitor: _SkipMonitor | None = None  # the device-side skip count
-        self._device_skips_seen = 0
-        # id(param) -> (param, token): equal tokens mean equal step counts (see _tokens_of).
-        self._tokens: dict[int, tuple[Tensor, Any]] = {}
-        self._token_ids = itertools.count()
-        # Parameter lists of fused layouts that stepped since their tokens were last written:
-        # a steady-state step notes its layout here instead of writing one token per
-        # parameter; the next reader of tokens (_tokens_of) gives each list a fresh one.
-        self._moved_together: dict[int, list[Tensor]] = {}
+        self._skips = SkipLog()  # steps skipped for non-finite gradients, and the warning
+        self._counts = CountTokens()  # which parameters share a step count (fused grouping)
         super().__init__(params, defaults)
         # torch's load_state_dict casts state to the parameter dtype; put state_dtype back.
         self.register_load_state_dict_post_hook(reduced_state.restore_state_dtypes)
@@ -330,17 +263,12 @@ class NeuroOptima(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_sam_phase", None)
         self.__dict__.setdefault("in_second_pass", False)
-        self.__dict__.setdefault("_skipped_total", 0)
-        self.__dict__.setdefault("_next_warning", 1)
-        self.__dict__.setdefault("_monitor", None)
-        self.__dict__.setdefault("_device_skips_seen", 0)
-        self.__dict__.setdefault("_token_ids", itertools.count())
+        self.__dict__.setdefault("_skips", SkipLog())
         # A loaded state dict (torch's load_state_dict comes through here) has new tensors
         # and new param groups, checked again at the next step; its counts are read once.
         self.__dict__["_fused_layouts"] = {}
         self.__dict__["_checked"] = {}
-        self.__dict__["_tokens"] = {}
-        self.__dict__["_moved_together"] = {}
+        self.__dict__["_counts"] = CountTokens()
         # Counters saved as plain numbers become tensors again, as in torch.optim, on the
         # parameter's device.
         for p, entry in self.state.items():
@@ -434,7 +362,7 @@ class NeuroOptima(Optimizer):
         params = group["params"]
         known = all(p in self.state and "step" in self.state[p] for p in params)
         layout = FusedLayout.of(self.state, params, names, slow_key,
-                                same_count=known and len(set(self._tokens_of(params))) == 1)
+                                same_count=known and len(set(self._counts.of(params, self.state))) == 1)
         if layout is not None:
             self._fused_layouts[id(group)] = (group, layout)
         return layout
@@ -677,10 +605,7 @@ class NeuroOptima(Optimizer):
 
     def _skip_step(self) -> None:
         """Skip the whole step, decided on the host: no weight, buffer or counter moves."""
-        for group in self.param_groups:
-            group["skipped_steps"] += 1
-        self._skipped_total += 1
-        self._warn_skipped(self._skipped_total + self._device_skips_seen)
+        self._skips.host_skip(self.param_groups)
 
     def _apply_fused(self, per_group: list[tuple[list[Tensor], list[Tensor]]],
                      stats: Tensor, packed: Tensor | None, *, known_finite: bool = False
@@ -712,77 +637,7 @@ class NeuroOptima(Optimizer):
         if scales is None:
             momentum_ascent.take_(self.state, self.param_groups, self._norm_stats, predicate)
         if predicate is not None:
-            self._count_skip_on_device(predicate)
-
-    # Host-side bookkeeping, run eagerly under torch.compile: dynamo does not carry this
-    # method's attribute writes (the monitor created on the first step) into its reads.
-    @torch._disable_dynamo
-    def _count_skip_on_device(self, finite: Tensor) -> None:
-        skipped = ~finite
-        for group in self.param_groups:
-            count = group["skipped_steps"]
-            if not isinstance(count, Tensor) or count.device != finite.device:
-                # From here on a device tensor (int64, 0-d), added to in place: a captured
-                # step keeps counting on replay. ``state_dict()`` saves it as a number.
-                count = group["skipped_steps"] = (
-                    torch.full((), count, dtype=torch.int64, device=finite.device)
-                    if not isinstance(count, Tensor) else count.to(finite.device, torch.int64))
-            count.add_(skipped)
-        if self._monitor is None or self._monitor.device != finite.device:
-            self._monitor = _SkipMonitor(finite.device)
-        seen = self._monitor.add(skipped)
-        if seen is not None:
-            self._device_skips_seen = seen
-            self._warn_skipped(self._skipped_total + seen)
-
-    def _warn_skipped(self, n: int) -> None:
-        """Warn at the 1st, 2nd, 4th, 8th ... skipped step: once, then ever more rarely.
-
-        ``n`` is the number of steps skipped so far (on the device path, as last copied to
-        the host, so a warning may come a step late on a GPU)."""
-        if n < self._next_warning:
-            return
-        self._next_warning = 1 << n.bit_length()
-        warnings.warn(f"NeuroOptima skipped a step: a gradient holds inf or nan, so no "
-                      f"weight, buffer or counter moved ({n} step{'s' * (n > 1)} skipped "
-                      f"so far; param_groups[i]['skipped_steps'] counts them). Next "
-                      f"warning at {self._next_warning} skipped steps.", SkippedStepWarning,
-                      stacklevel=_caller_level())
-
-    def _tokens_of(self, params: list[Tensor]) -> list[Any]:
-        """One token per parameter standing for its step count: equal tokens, equal counts.
-
-        Parameters updated in the same steps since their counters were created share a token,
-        so the fused path groups equal counts without reading them. A counter the optimizer
-        did not make or advance (a loaded state dict) is read once.
-        """
-        for moved in self._moved_together.values():
-            self._advance_tokens(moved, [None] * len(moved))  # they shared one token
-        self._moved_together.clear()
-        out: list[Any] = []
-        unknown: list[int] = []
-        for i, p in enumerate(params):
-            entry = self._tokens.get(id(p))
-            if entry is not None and entry[0] is p:
-                out.append(entry[1])
-            else:
-                out.append(None)
-                unknown.append(i)
-        if unknown:
-            counts = [float(self.state[params[i]]["step"]) for i in unknown]
-            for i, k in zip(unknown, counts):
-                out[i] = ("count", k)
-                self._tokens[id(params[i])] = (params[i], out[i])
-        return out
-
-    def _advance_tokens(self, params: list[Tensor], tokens: list[Any]) -> None:
-        """After an update of ``params`` (applied or skipped: all or none of them moved)."""
-        fresh: dict[Any, int] = {}
-        for p, token in zip(params, tokens):
-            new = fresh.get(token)
-            if new is None:
-                new = fresh[token] = next(self._token_ids)
-            self._tokens[id(p)] = (p, new)
+            self._skips.device_skip(self.param_groups, predicate)
 
     def _update_norm_terms(self, per_group: list[tuple[list[Tensor], list[Tensor]]]
                            ) -> tuple[list[Tensor], list[Tensor]]:
@@ -825,8 +680,8 @@ class NeuroOptima(Optimizer):
                         layout.flat_step,
                         compute_dtype_for(layout.flat_param.dtype, group.get("state_dtype")),
                         finite=finite, norm=norm, slow=layout.flat_slow, ascent=ascent)
-            # A layout's parameters share one count and move together (see _tokens_of).
-            self._moved_together[id(layout)] = params
+            # A layout's parameters share one count and move together (see count_tokens).
+            self._counts.moved_together(id(layout), params)
             return []
         rule = group["update"]
         states = [self.state[p] for p in params]
@@ -845,12 +700,10 @@ class NeuroOptima(Optimizer):
                         local(state[name]).copy_(g)
             elif not isinstance(state["step"], Tensor):
                 state["step"] = _tensor_step(state["step"], p.device)
-        if created:  # new counters are all 0: one token for them
-            token = ("new", next(self._token_ids))
-            for p in created:
-                self._tokens[id(p)] = (p, token)
-        tokens = self._tokens_of(params)
-        self._advance_tokens(params, tokens)
+        if created:
+            self._counts.created(created)
+        tokens = self._counts.of(params, self.state)
+        self._counts.advance(params, tokens)
         if group.get("fused"):
             from .fused import fused_update_  # imports torch.compile
 
