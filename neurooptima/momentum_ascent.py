@@ -148,7 +148,9 @@ def take_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]], nor
 
 def to_eval_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]]) -> None:
     """Eval mode: keep a copy of each displaced weight's ``w~`` and move it to ``w``."""
-    switching = [group for group in groups if not group.get(EVALUATING, False)]
+    # Groups without momentum ascent hold w already: eval() leaves them (and their steps) be.
+    switching = [group for group in groups if not group.get(EVALUATING, False)
+                 and (ascends(group) or _held(group))]
     for group in switching:
         group[EVALUATING] = True
         if _held(group):

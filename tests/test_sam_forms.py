@@ -204,11 +204,14 @@ def test_eval_train_round_trip_is_bitwise_and_eval_refuses_a_step():
     opt.train()
     opt.train()
     assert all(torch.equal(a, p) for a, p in zip(ascent, model.parameters()))
-    # Without momentum ascent both are no-ops.
+    # Without momentum ascent both are no-ops, and a step after eval() is fine.
     plain = NeuroOptima(model.parameters())
     plain.eval()
-    plain.train()
     assert all(torch.equal(a, p) for a, p in zip(ascent, model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    plain.step()
+    plain.train()
 
 
 def test_skipped_step_leaves_ascent_point_and_scale_unchanged():

@@ -148,3 +148,33 @@ def test_fsdp2_momentum_ascent_matches_single_process(world):
     errors = [((p.full_tensor() if isinstance(p, DTensor) else p).detach() - q.detach()).norm()
               / q.detach().norm() for p, q in zip(net.parameters(), ref.parameters())]
     assert agree_max(max(float(e) for e in errors)) <= 1e-5
+
+
+@pytest.mark.multi_rank
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_fsdp1_momentum_ascent_matches_single_process(world, adaptive):
+    from fsdp_support import batch, local_slice, make_net
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from neurooptima.distributed.fsdp import for_fsdp
+
+    rank, size = world
+    hyper = dict(MSAM, sam_adaptive=adaptive, sam_rho=0.5 if adaptive else 1.5)
+    kw = dict(use_orig_params=True, device_id=torch.device("cpu"))
+    net = make_net()
+    net.block = FSDP(net.block, **kw)
+    model = FSDP(net, **kw)
+    opt = for_fsdp(NeuroOptima(model.parameters(), **hyper), model)
+    ref = make_net()
+    ref_opt = NeuroOptima(ref.parameters(), **hyper)
+    for step in range(6):
+        x, y = batch(step)
+        opt.step(closure_for(model, opt, local_slice(x, rank, size), local_slice(y, rank, size)))
+        ref_opt.step(closure_for(ref, ref_opt, x, y))
+    opt.eval()
+    ref_opt.eval()
+    with FSDP.summon_full_params(model, writeback=False):
+        full = [p.detach().clone() for p in model.parameters()]
+    errors = [((p - q.detach()).norm() / q.detach().norm()).item()
+              for p, q in zip(full, ref.parameters())]
+    assert agree_max(max(errors)) <= 1e-5
