@@ -124,7 +124,9 @@ def test_momentum_ascent_on_a_2x2_mesh(world):
     assert agree_max(abs(_gap(model, ascent) - 1.5)) <= 1.5 * TOL
 
 
-def test_fsdp2_momentum_ascent_matches_single_process(world):
+@pytest.mark.parametrize("form", [MSAM, dict(sam_rho=0.05, sam_interval=2, sam_start=3)],
+                         ids=["momentum", "scheduled"])
+def test_fsdp2_matches_single_process(world, form):
     from fsdp_support import batch, local_slice, make_net
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -132,7 +134,7 @@ def test_fsdp2_momentum_ascent_matches_single_process(world):
     from neurooptima.distributed.fsdp import for_fsdp
 
     rank, size = world
-    hyper = dict(MSAM, lookahead_k=0)
+    hyper = dict(form, lookahead_k=0)
     net = make_net()
     fully_shard(net.block)
     fully_shard(net)
