@@ -217,10 +217,11 @@ def load_checkpoint(optimizer: ShardedNeuroOptima, checkpoint_id: str | os.PathL
     # Only now, with everything read, replace the optimizer's settings and state.
     for group, new in zip(optimizer.param_groups, groups):
         group.update(new)
+    param_of = {chunk: p for p, chunk in optimizer._chunks.items()}
     for chunk, entry in new_state.items():
         master = entry.pop(MASTER, None)
         if master is not None:
-            chunk.detach().copy_(master)
+            optimizer._load_master(param_of[chunk], master)
     optimizer.local_optimizer.state.clear()
     optimizer.local_optimizer.state.update(new_state)
     optimizer._sync_groups_to_inner()

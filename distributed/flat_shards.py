@@ -47,6 +47,8 @@ class ShardSlot:
     # The parameter's version counter when this rank last wrote it (or laid it out): a later
     # one means it was replaced or edited from outside (load_state_dict, a rollback).
     written_version: int = field(default=-1)
+    master_loaded: bool = False  # a checkpoint's master arrived since the last step
+
 
     def __post_init__(self) -> None:
         self.written_version = self.param._version
@@ -189,20 +191,31 @@ class Bucket:
         """Refresh this rank's weight chunks from the (full) module parameters.
 
         With master weights, a parameter written since this rank last wrote it (its version
-        counter moved: ``load_state_dict``, a rollback, an in-place edit) replaces its whole
-        master chunk; otherwise only elements whose value differs from the master rounded to
-        the parameters' dtype are taken (an edit through ``p.data``, which no counter sees),
-        and the others keep the master's extra precision.
+        counter moved: ``model.load_state_dict``, a rollback, an in-place edit) replaces its
+        whole master chunk, unless a checkpoint's master was loaded since the last step and
+        the parameter is that master rounded (a resume, whichever of the two was loaded
+        first). Otherwise only elements whose value differs from the master rounded to the
+        parameters' dtype are taken (an edit through ``p.data``, which no counter sees), and
+        the others keep the master's extra precision.
         """
         for slot in self.slots:
             chunk = self.chunk_view(self.owned, slot)[:slot.valid]
             piece = slot.param.detach().reshape(-1)[slot.start:slot.start + slot.valid]
-            if self.has_master and slot.param._version == slot.written_version:
-                chunk.copy_(torch.where(chunk.to(self.dtype) == piece, chunk, piece.to(chunk)))
-            else:
+            moved = slot.param._version != slot.written_version
+            if not self.has_master or (moved and not (
+                    slot.master_loaded and torch.equal(chunk.to(self.dtype), piece))):
                 chunk.copy_(piece)
+            else:
+                chunk.copy_(torch.where(chunk.to(self.dtype) == piece, chunk, piece.to(chunk)))
             slot.written_version = slot.param._version
+            slot.master_loaded = False
             self.chunk_view(self.owned, slot)[slot.valid:].zero_()
+
+    @torch.no_grad()
+    def load_master(self, slot: ShardSlot, value: Tensor) -> None:
+        """A checkpoint's master chunk (see ``pull_owned``)."""
+        self.chunk_view(self.owned, slot).copy_(value)
+        slot.master_loaded = True
 
     @torch.no_grad()
     def write_params(self, gathered: Tensor) -> None:

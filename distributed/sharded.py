@@ -376,6 +376,12 @@ class ShardedNeuroOptima(Optimizer):
     def in_second_pass(self) -> bool:
         return self._sam_phase is not None
 
+    def _load_master(self, param: Tensor, value: Tensor) -> None:
+        """A checkpoint's float32 master chunk of ``param``: kept at the next step also when
+        the module's weights are loaded after it (see ``flat_shards``)."""
+        bucket, slot = self._slots[param]
+        bucket.load_master(slot, value)
+
     def chunk_of(self, param: Tensor) -> Tensor:
         """This rank's flat, padded chunk of ``param`` (a parameter of the inner optimizer)."""
         return self._chunks[param]
@@ -686,7 +692,7 @@ class ShardedNeuroOptima(Optimizer):
                     # A copy, never an alias of the caller's tensor.
                     own = slot.own_chunk(value.to(chunk.device), self.world_size).to(chunk.dtype)
                     if key == MASTER:
-                        masters.append((chunk, own))
+                        masters.append((p, own))
                     else:
                         new[key] = own
                 else:
@@ -694,7 +700,7 @@ class ShardedNeuroOptima(Optimizer):
             inner_state[chunk] = new
         self._inner.state.clear()
         self._inner.state.update(inner_state)
-        for chunk, own in masters:
-            chunk.detach().copy_(own)
+        for p, own in masters:
+            self._load_master(p, own)
         self._sync_groups_to_inner()
         reduced_state.restore_state_dtypes(self._inner)  # the loader cast to the chunk dtype

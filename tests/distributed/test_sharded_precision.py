@@ -155,6 +155,38 @@ def test_rolled_back_bf16_weights_replace_the_whole_master(world):
                                                  _masters(ref_opt, reference)))
 
 
+@pytest.mark.parametrize("model_first", [True, False], ids=["model_first", "optimizer_first"])
+def test_resume_into_a_built_optimizer_keeps_the_checkpoint_masters(world, tmp_path_factory,
+                                                                    model_first):
+    """The optimizer is built before the checkpoint is loaded (the weights then move under it):
+    the checkpoint's masters are kept, whichever is loaded first, and the run resumes bitwise."""
+    import torch.distributed as dist
+
+    from neurooptima.distributed import load_checkpoint, save_checkpoint
+
+    rank, n = world
+    model = _bf16_model(9)
+    optimizer = ShardedNeuroOptima(model.parameters(), **HYPER)
+    _train_range(model, optimizer, range(3), rank, n)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = [str(tmp_path_factory.mktemp("ckpt")) if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    save_checkpoint(optimizer, folder[0] + "/opt")
+    _train_range(model, optimizer, range(3, 6), rank, n)  # the uninterrupted run
+
+    resumed = _bf16_model(0)
+    fresh = ShardedNeuroOptima(resumed.parameters(), **HYPER)
+    if model_first:
+        resumed.load_state_dict(weights)
+    load_checkpoint(fresh, folder[0] + "/opt")
+    if not model_first:
+        resumed.load_state_dict(weights)
+    _train_range(resumed, fresh, range(3, 6), rank, n)
+    same = all(torch.equal(optimizer.chunk_of(a), fresh.chunk_of(b))
+               for a, b in zip(model.parameters(), resumed.parameters()))
+    assert agree_max(0.0 if same else 1.0) == 0.0
+
+
 @pytest.mark.parametrize("how", ["full_state_dict", "sharded_checkpoint"])
 def test_checkpoints_keep_the_master_weights_and_resume_exactly(world, tmp_path_factory, how):
     import torch.distributed as dist
