@@ -661,8 +661,13 @@ class ShardedNeuroOptima(Optimizer):
         if self._sam_phase is not None:
             raise RuntimeError("load_state_dict() between first_step() and second_step()")
         self._weights.flush()
-        # Refuse a checkpoint of another model or rule whole, before anything is loaded.
-        check_state_dict([group["params"] for group in self.param_groups], state_dict,
+        # Refuse a checkpoint of another model or rule whole, before anything is loaded. The
+        # float32 masters are this optimizer's own key, which NeuroOptima's check does not know.
+        check_state_dict([group["params"] for group in self.param_groups],
+                         {**state_dict, "state": {
+                             i: {k: v for k, v in entry.items() if k != MASTER}
+                             if isinstance(entry, dict) else entry
+                             for i, entry in state_dict["state"].items()}},
                          [group["update"] for group in self.param_groups])
         for saved in state_dict["param_groups"]:
             check_group({k: v for k, v in saved.items() if k != "params"})
