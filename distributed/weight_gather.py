@@ -16,8 +16,10 @@ still in flight. No read in a forward can outrun its gather:
 - while a module's forward runs with weights in flight, a torch function mode (``ReadGuard``)
   sees every torch operation and waits for the bucket of any parameter passed to it: custom
   modules that read a child's weight (a tied head's ``x @ self.wte.weight.T``) and
-  ``torch.func.functional_call`` with the module's own parameters are covered too (not while
-  ``torch.compile`` traces, where the pre-hooks alone apply);
+  ``torch.func.functional_call`` with the module's own parameters are covered too;
+- under ``torch.compile`` the waits are never traced away (they run at every call), and as the
+  guard cannot run in a compiled forward, a module of the user's own waits for its whole
+  subtree instead (less overlap, the same weights);
 - ``state_dict()`` and ``load_state_dict()`` of the module or any submodule wait for all.
 
 An in-place edit of a parameter whose gather is still in flight (``p.clamp_()`` under
@@ -92,13 +94,22 @@ class WeightGather:
         position = {slot.param: i for i, b in enumerate(self.buckets) for slot in b.slots}
         self._position_of_id = {id(p): i for p, i in position.items()}
         self._names = {p: name for name, p in module.named_parameters(remove_duplicate=False)}
+        # Run at every call, never traced: a compiled forward must still wait at run time.
+        wait_for = torch.compiler.disable(self.flush)
         for sub in module.modules():
             own = sub.parameters(recurse=_reads_children(sub))
             mine = sorted({position[p] for p in own if p in position})
             if mine:
                 self._handles.append(sub.register_forward_pre_hook(
-                    lambda _m, _a, mine=mine: self.flush(mine)))
-            if any(p in position for p in sub.parameters()):
+                    lambda _m, _a, mine=mine: wait_for(mine)))
+            subtree = sorted({position[p] for p in sub.parameters() if p in position})
+            if subtree and not type(sub).__module__.startswith("torch.nn."):
+                # Under torch.compile, where the guard cannot run, a module of the user's own
+                # waits for its whole subtree, as an FSDP unit does.
+                self._handles.append(sub.register_forward_pre_hook(
+                    lambda _m, _a, subtree=subtree: (
+                        wait_for(subtree) if torch.compiler.is_compiling() else None)))
+            if subtree:
                 # First of its pre-hooks (it never raises); the exit runs even on an error.
                 self._handles.append(sub.register_forward_pre_hook(self._enter, prepend=True))
                 self._handles.append(sub.register_forward_hook(self._exit, always_call=True))
@@ -117,8 +128,10 @@ class WeightGather:
         return top if isinstance(top, ReadGuard) and top.gather is self else None
 
     def _enter(self, module: nn.Module, _args: Any) -> None:
-        want = (bool(self._pending) and not type(module).__module__.startswith("torch.nn.")
-                and not torch.compiler.is_compiling())
+        if torch.compiler.is_compiling():  # traced: the pre-hooks' waits alone apply
+            self._entered.append((module, None, False))
+            return
+        want = bool(self._pending) and not type(module).__module__.startswith("torch.nn.")
         top = self._top_guard()
         change = None
         if want and top is None:
