@@ -384,3 +384,20 @@ def test_kernel_ascent_in_the_steady_fused_layout(rule, monkeypatch):
         ref.step(_closure(twin, list(twin.parameters()), x, y))
     assert len(calls) == 1  # the first step only (its moments did not exist yet)
     assert _rel(params, list(twin.parameters())) < 1e-6
+
+
+def test_huge_finite_gradients_are_stepped_not_skipped():
+    """Squares beyond float32's range in the kernel's quick sums: the exact statistics decide,
+    and the step matches the eager kernels."""
+    results = []
+    for kernel in (dict(foreach=True), dict(fused=True)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5000)) for _ in range(3)]
+        opt = NeuroOptima(params, sam_ascent="momentum", sam_rho=2.0, **kernel)
+        for scale in (1.0, 1e18, 1.0):  # a block of 4096 squares of 1e18 passes float32's max
+            for p in params:
+                p.grad = torch.full_like(p, scale) * torch.linspace(-1, 1, p.numel())
+            opt.step()
+        assert opt.param_groups[0]["skipped_steps"] == 0
+        results.append([p.detach().clone() for p in params])
+    assert _rel(results[1], results[0]) < 1e-6
