@@ -216,6 +216,7 @@ class NeuroOptima(Optimizer):
         self.register_state_dict_post_hook(state_validation.record_state_count)
         self.register_state_dict_post_hook(_plain_numbers)
         self.register_load_state_dict_pre_hook(state_validation.check_load)
+        self.register_load_state_dict_pre_hook(state_validation.drop_sharded_masters)
 
     # ---------------------------------------------------------------- groups and state
 

@@ -177,8 +177,26 @@ def check_state_count(optimizer: Any, state_dict: dict[str, Any]) -> None:
                              f"them for {present}; " + _MATERIALIZE)
 
 
+# ShardedNeuroOptima's full state dict keeps each parameter's float32 master weights here; one
+# process trains its parameters themselves, so it loads the rest and leaves these.
+SHARDED_MASTER = "master"
+
+
+def _without_masters(state_dict: dict[str, Any]) -> dict[str, Any]:
+    return {**state_dict, "state": {
+        i: ({k: v for k, v in entry.items() if k != SHARDED_MASTER}
+            if isinstance(entry, dict) else entry)
+        for i, entry in state_dict["state"].items()}}
+
+
+def drop_sharded_masters(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``load_state_dict`` pre-hook: a sharded run's full state dict without its masters."""
+    return _without_masters(state_dict)
+
+
 def check_load(optimizer: Any, state_dict: dict[str, Any]) -> None:
     """``load_state_dict`` pre-hook of ``NeuroOptima``: shapes, rules and completeness."""
+    state_dict = _without_masters(state_dict)
     check_state_dict([group["params"] for group in optimizer.param_groups], state_dict,
                      [group["update"] for group in optimizer.param_groups])
     check_state_count(optimizer, state_dict)

@@ -122,3 +122,20 @@ def test_state_dict_holds_slow_weights_prev_grad_and_counters():
 
 if __name__ == "__main__":
     continue_from(Path(sys.argv[1]))
+
+
+def test_a_sharded_full_state_dict_with_master_weights_loads_into_one_process():
+    """ShardedNeuroOptima's full state dict of a bf16 run holds each parameter's float32
+    ``master``; one process loads the rest and trains its parameters themselves."""
+    from neurooptima import NeuroOptima
+
+    p = torch.nn.Parameter(torch.randn(3))
+    optimizer = NeuroOptima([p])
+    p.grad = torch.ones(3)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    saved["state"][0]["master"] = p.detach().clone()
+    again = NeuroOptima([p])
+    again.load_state_dict(saved)
+    assert "master" not in again.state[p]
+    assert torch.equal(again.state[p]["adan.exp_avg"], optimizer.state[p]["adan.exp_avg"])
