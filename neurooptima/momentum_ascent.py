@@ -206,8 +206,7 @@ def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]
     group]`` summed over every holder (``reduce_stats``: one reduction), whose first two
     entries are ``norms.local_norm_stats``'s; None where the kernel cannot ascend.
 
-    Where host reads are free (CPU) the sums are blocked sums in float32 (``fused``), read
-    once: a non-finite result (inf or nan in a gradient, or a square or sum beyond float32's
+    Where host reads are free (CPU) the sums are float32 sums (``fused``), read once: a non-finite result (inf or nan in a gradient, or a square or sum beyond float32's
     range) goes on to the exact statistics, as the plain step's finiteness test does.
     """
     from . import host_reads
@@ -237,63 +236,6 @@ def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]
         finite = torch.isfinite(grad_sq)  # float64 sums of squares: finite iff the entries are
         head = torch.stack([torch.where(finite, grad_sq, 0.0), (~finite).to(torch.float64)])
     return reduce_stats(torch.cat([head, sums]))
-
-
-# The first moment's decay in each rule's update: m' = b m + (1 - b) g.
-_MOMENT_BETA = {"adan": 0, "lion": 1, "lion_adan": 0}
-
-
-def _kernel_can_ascend(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
-                       per_group: list[tuple[list[Tensor], list[Tensor]]]) -> bool:
-    """Whether the fused kernel can move to ``w`` and back itself this step: the SAM form,
-    buffers in the weights' precision, and every parameter with a first moment has a
-    gradient (and the other way round)."""
-    if not any(ascends(group) for group in groups):
-        return False
-    for group, (params, _) in zip(groups, per_group):
-        if _held(group) and not ascends(group):
-            return False  # ascent switched off: the pieces above take the weights back
-        if (ascends(group) and group["sam_adaptive"]) or group.get("state_dtype") is not None:
-            return False
-        with_m, _ = _with_moment(state, group)
-        if len(with_m) != len(params) or set(with_m) != set(params):
-            return False
-    return True
-
-
-def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
-                per_group: list[tuple[list[Tensor], list[Tensor]]], reduce_stats
-                ) -> Tensor | None:
-    """The step's gradient statistics and what ``s'`` needs, from one read of ``g`` and ``m``.
-
-    ``s'`` needs ``||m'||`` before the kernel writes ``m'``. With ``m' = b m + (1 - b) c g``
-    (``c`` the clipping factor) it follows from sums taken while the gradient is read for its
-    own statistics: ``||m'||^2 = b^2 sum m^2 + 2 b (1 - b) c sum m g + (1 - b)^2 c^2 sum g^2``
-    (float64). Returns the packed float64 ``[sum g^2, non-finite, (sum m^2, sum m g,
-    sum g^2) per group]`` summed over every holder (``reduce_stats``: one reduction), whose
-    first two entries are ``norms.local_norm_stats``'s; None where the kernel cannot ascend.
-    """
-    from .fused import moment_sums
-
-    if not _kernel_can_ascend(state, groups, per_group):
-        return None
-    device = next(g for _, grads in per_group for g in grads).device
-    parts = []
-    for group, (params, grads) in zip(groups, per_group):
-        if not params:
-            parts.append(torch.zeros(3, dtype=torch.float64, device=device))
-            continue
-        moments = [state[p][_moment_key(group)] for p in params]  # in the gradients' order
-        parts.append(moment_sums(moments, grads).to(device))
-    sums = torch.cat(parts)
-    grad_sq = sums[2::3].sum()
-    finite = torch.isfinite(grad_sq)  # float32 or narrower squares cannot overflow float64
-    head = torch.stack([torch.where(finite, grad_sq, 0.0), (~finite).to(torch.float64)])
-    return reduce_stats(torch.cat([head, sums]))
-
-
-# The first moment's decay in each rule's update: m' = b m + (1 - b) g.
-_MOMENT_BETA = {"adan": 0, "lion": 1, "lion_adan": 0}
 
 
 def fused_scales(groups: list[dict[str, Any]], packed: Tensor, norm: Tensor | None,
