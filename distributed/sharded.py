@@ -39,6 +39,7 @@ from neurooptima import NeuroOptima, reduced_state
 from neurooptima.optimizer import _tensor_step, run_step
 from neurooptima.norms import local_norm_stats, norm_from_stats
 from neurooptima.optimizer import CLIP_EPS
+from neurooptima.integrations import guards
 from neurooptima.sam import gradient_due, norm_terms, perturb_
 from neurooptima.state_validation import check_state_dict
 from neurooptima.validation import check_group, prepare_group
@@ -212,6 +213,8 @@ class ShardedNeuroOptima(Optimizer):
         super().__init__(params, defaults)
         self._check_same_on_all_ranks(module)
         self._constructed = True
+        # Framework paths that would drop or mis-scale SAM's second pass are refused.
+        self.register_step_pre_hook(guards.check_step)
 
         self._module, self._overlap_param_gather = module, overlap_param_gather
         self._rebuilt = False  # buckets laid out in the measured order of the gradients

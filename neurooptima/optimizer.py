@@ -55,6 +55,7 @@ from .norms import device_norm, local_norm_stats, norm_from_stats
 from .sam import gradient_due, norm_terms, perturb_
 from . import host_reads, momentum_ascent, reduced_state, state_validation
 from .count_tokens import CountTokens
+from .integrations import guards
 from .rules import compute_dtype_for, run_rule
 from .skipped_steps import SkipLog, SkippedStepWarning
 from .validation import check_group, prepare_group
@@ -217,6 +218,8 @@ class NeuroOptima(Optimizer):
         self.register_state_dict_post_hook(_plain_numbers)
         self.register_load_state_dict_pre_hook(state_validation.check_load)
         self.register_load_state_dict_pre_hook(state_validation.drop_sharded_masters)
+        # Framework paths that would drop or mis-scale SAM's second pass are refused.
+        self.register_step_pre_hook(guards.check_step)
 
     # ---------------------------------------------------------------- groups and state
 

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from .functional import DEFAULT_BETAS, UPDATE_RULES
-from .integrations import guards  # noqa: F401  (refuses framework paths that break SAM)
 from .momentum_ascent import EVALUATING, SCALE
 
 # Each rule's learning rate when ``lr=None``: the suite's (benchmarks/results/REPORT.md) rate

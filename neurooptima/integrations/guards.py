@@ -14,9 +14,9 @@ ordinary call from inside the optimizer:
 * Lightning's ``accumulate_grad_batches > 1`` runs the closure of the last micro-batch only
   inside ``step(closure)``, the others before it: the second pass would see one micro-batch.
 
-A global ``torch.optim`` step pre-hook (installed once, on import) looks for these callers on
-the stack, only on steps that run two-pass SAM of a NeuroOptima optimizer; every other
-optimizer and step returns at once. Nothing here imports a framework.
+``check_step``, a step pre-hook that NeuroOptima and ShardedNeuroOptima register on
+themselves, looks for these callers on the stack, only on steps that run two-pass SAM; every
+other step returns at once. Nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import os
 import sys
 from types import FrameType
 from typing import Any
-
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 __all__ = ["check_step", "ACCUMULATION", "SCALER_CLOSURE", "LIGHTNING_FP16",
            "LIGHTNING_ACCUMULATION"]
@@ -104,9 +102,3 @@ def check_step(optimizer: Any, args: tuple, kwargs: dict) -> None:
             if steps > 1:
                 raise RuntimeError(ACCUMULATION.format(steps=steps))
 
-
-def _hook(optimizer: Any, args: tuple, kwargs: dict) -> None:
-    check_step(optimizer, args, kwargs)
-
-
-_HANDLE = register_optimizer_step_pre_hook(_hook)
