@@ -252,7 +252,7 @@ RESUME = textwrap.dedent("""
     from neurooptima import NeuroOptima
     model, batches = _problem(torch.float32)
     params = list(model.parameters())
-    opt = NeuroOptima(params, sam_ascent="momentum", sam_rho=2.0, fused=True)
+    opt = NeuroOptima(params, sam_ascent="momentum", sam_rho=2.0, foreach=True)
     saved = torch.load({path!r}, weights_only=True)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
@@ -267,7 +267,7 @@ RESUME = textwrap.dedent("""
 def test_checkpoint_in_either_mode_resumes_exactly_in_a_fresh_process(mode, tmp_path):
     model, batches = _problem(torch.float32)
     params = list(model.parameters())
-    opt = NeuroOptima(params, sam_ascent="momentum", sam_rho=2.0, fused=True)
+    opt = NeuroOptima(params, sam_ascent="momentum", sam_rho=2.0, foreach=True)
     for t in range(3):
         opt.step(_closure(model, params, *batches[t % 4]))
     if mode == "eval":
