@@ -561,10 +561,12 @@ def short(name: str) -> str:
     return name
 
 
-def _bar_chart(title: str, axis: str, labels: list[str], values: list[float]) -> list[str]:
+def _bar_chart(title: str, axis: str, labels: list[str], values: list[float],
+               min_pad: float = 0.0) -> list[str]:
     lo = min(values)
     hi = max(values)
-    pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
+    # min_pad keeps differences within the seed noise from filling the whole axis.
+    pad = max((hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0, min_pad)
     lo = max(0.0, lo - pad) if lo >= 0 else lo - pad
     return ["```mermaid", "xychart-beta", f'    title "{title}"',
             "    x-axis [" + ", ".join(f'"{short(c)}"' for c in labels) + "]",
@@ -593,7 +595,7 @@ def mermaid_charts(wl: dict, name: str) -> list[str]:
     if final:
         out += _bar_chart(f"{name}: final test {'accuracy %' if w.higher_is_better else 'loss'}"
                           f", equal gradient evaluations", "test " + key, list(final),
-                          list(final.values()))
+                          list(final.values()), 2.0 if w.higher_is_better else 0.05)
     # Ascent candidates' training loss is taken at the ascent point: not comparable here.
     var = {c: r["loss_var"][0] for c, r in rows.items() if r["loss_var"][0] is not None
            and not S.CANDIDATES[c].moves_weights}
