@@ -10,7 +10,8 @@ On a machine with one CUDA GPU it runs, in order, each within its own time limit
 2. ``distributed``: the multi-rank suite with world size 1 (``torchrun --nproc_per_node=1``):
    CUDA tensors over nccl, CPU tensors over gloo (see ``tests/distributed/conftest.py``);
 3. ``step_speed``: one optimizer step at 10M and 100M float32 parameters (100 tensors):
-   NeuroOptima fused (adan, lion, lion_adan, adan with bfloat16 state) and
+   NeuroOptima fused (adan, lion, lion_adan, adan with bfloat16 state, adan and lion with
+   momentum ascent) and
    ``torch.optim.AdamW(fused=True)``, each against a plain device copy of the same number of
    bytes measured in the same run: GB/s = bytes the step must read and write / time, and the
    fraction of the copy's GB/s;
@@ -109,8 +110,8 @@ def _speed_candidates() -> list[tuple[str, str, int, Callable[[list[torch.Tensor
     from neurooptima import NeuroOptima
 
     def neuro(rule: str, **kw: Any) -> Callable[[list[torch.Tensor]], Any]:
-        return lambda ps: NeuroOptima(ps, lr=1e-4, weight_decay=0.01, sam_rho=0.0,
-                                      lookahead_k=0, update=rule, fused=True, **kw)
+        options = dict(dict(lr=1e-4, weight_decay=0.01, sam_rho=0.0, lookahead_k=0), **kw)
+        return lambda ps: NeuroOptima(ps, update=rule, fused=True, **options)
 
     return [
         ("torch AdamW fused", "adamw", bytes_per_param("adamw"),
@@ -121,6 +122,11 @@ def _speed_candidates() -> list[tuple[str, str, int, Callable[[list[torch.Tensor
          neuro("lion_adan")),
         ("NeuroOptima adan fused, bf16 state", "adan", bytes_per_param("adan", state_bytes=2),
          neuro("adan", state_dtype=torch.bfloat16)),
+        # Momentum ascent: the kernel's moves are free; the sums read m and g once more.
+        ("NeuroOptima adan fused, momentum ascent", "adan", bytes_per_param("adan") + 8,
+         neuro("adan", sam_ascent="momentum", sam_rho=2.0)),
+        ("NeuroOptima lion fused, momentum ascent", "lion", bytes_per_param("lion") + 8,
+         neuro("lion", sam_ascent="momentum", sam_rho=2.0)),
     ]
 
 
