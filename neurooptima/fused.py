@@ -432,23 +432,34 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     return stats
 
 
-def _moment_sums_exact(m: Tensor, g: Tensor) -> Tensor:
+def _moment_sums_exact(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
     # In float64: squares and products of finite float32 values cannot overflow it, so the
     # sums are finite exactly when every gradient entry is (see fused_norm_stats).
     m, g = m.to(torch.float64), g.to(torch.float64)
+    if beta is not None:
+        x = m * beta + g * (1 - beta)
+        return torch.stack([(x * x).sum(), torch.zeros_like(x[:1].sum()),
+                            torch.zeros_like(x[:1].sum())])
     return torch.stack([(m * m).sum(), (m * g).sum(), (g * g).sum()])
 
 
-def _moment_sums_quick(m: Tensor, g: Tensor) -> Tensor:
+def _moment_sums_quick(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
     # In the tensors' precision: a float64 conversion per element costs a CPU several times
     # the read itself. Inductor's reductions sum in vectorized partial sums (relative error
     # about 1e-7 here), far below what the radius needs.
+    if beta is not None:
+        b = beta.to(m.dtype)
+        x = m * b + g * (1 - b)
+        total = (x * x).sum().to(torch.float64)
+        return torch.stack([total, torch.zeros_like(total), torch.zeros_like(total)])
     return torch.stack([(m * m).sum(), (m * g).sum(), (g * g).sum()]).to(torch.float64)
 
 
-def moment_sums(moments: list[Tensor], grads: list[Tensor], *, exact: bool = True) -> Tensor:
+def moment_sums(moments: list[Tensor], grads: list[Tensor], *, exact: bool = True,
+                beta: float | None = None) -> Tensor:
     """float64 ``[sum m^2, sum m g, sum g^2]`` over matching tensors, one compiled pass per
-    flat run (momentum ascent's norm of the next moment, see ``momentum_ascent``).
+    flat run (momentum ascent's norm of the next moment, see ``momentum_ascent``); with
+    ``beta``, ``[||beta m + (1 - beta) g||^2, 0, 0]`` (the next moment itself, unclipped).
 
     ``exact``: every product in float64 (finite whenever the gradients are); else sums in the
     tensors' precision, which a square or sum beyond float32's range turns into inf."""
@@ -462,7 +473,9 @@ def moment_sums(moments: list[Tensor], grads: list[Tensor], *, exact: bool = Tru
         pairs = [(m.reshape(-1), g.reshape(-1)) for m, g in zip(moments, grads)]
     total = None
     for m, g in pairs:
-        part = _call(fn, (m, g), (fn, m.dtype, g.dtype, m.device, m.numel() == 1))
+        b = None if beta is None else _constant((float(beta),), m.device, torch.float64)
+        part = _call(fn, (m, g, b), (fn, m.dtype, g.dtype, m.device, m.numel() == 1,
+                                     beta is None))
         total = part if total is None else total + part
     return total
 

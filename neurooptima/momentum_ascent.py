@@ -199,15 +199,19 @@ def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]
                 ) -> Tensor | None:
     """The step's gradient statistics and what ``s'`` needs, from one read of ``g`` and ``m``.
 
-    ``s'`` needs ``||m'||`` before the kernel writes ``m'``. With ``m' = b m + (1 - b) c g``
-    (``c`` the clipping factor) it follows from sums taken while the gradient is read for its
-    own statistics: ``||m'||^2 = b^2 sum m^2 + 2 b (1 - b) c sum m g + (1 - b)^2 c^2 sum g^2``.
-    Returns the packed float64 ``[sum g^2, non-finite, (sum m^2, sum m g, sum g^2) per
-    group]`` summed over every holder (``reduce_stats``: one reduction), whose first two
-    entries are ``norms.local_norm_stats``'s; None where the kernel cannot ascend.
+    ``s'`` needs ``||m'||`` before the kernel writes ``m'``, and ``m' = b m + (1 - b) c g``
+    (``c`` the clipping factor) can be summed in the read of ``g`` the step makes for its
+    own statistics. Without clipping that is ``||b m + (1 - b) g||^2`` per group (the
+    finiteness test reads it too); with clipping, whose ``c`` is known only after the
+    gradients' norm, the expansion ``b^2 sum m^2 + 2 b (1 - b) c sum m g + (1 - b)^2 c^2
+    sum g^2``. Returns the packed float64 ``[sum g^2, non-finite, three sums per group]``
+    (``moment_sums``) summed over every holder (``reduce_stats``: one reduction), whose first
+    two entries are ``norms.local_norm_stats``'s (without clipping the first is 0, as there);
+    None where the kernel cannot ascend.
 
-    Where host reads are free (CPU) the sums are float32 sums (``fused``), read once: a non-finite result (inf or nan in a gradient, or a square or sum beyond float32's
-    range) goes on to the exact statistics, as the plain step's finiteness test does.
+    Where host reads are free (CPU) the sums are float32 sums (``fused``), read once: a
+    non-finite result (inf or nan in a gradient, or a square or sum beyond float32's range)
+    goes on to the exact statistics, as the plain step's finiteness test does.
     """
     from . import host_reads
     from .fused import fused_norm_stats, moment_sums
@@ -217,25 +221,33 @@ def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]
     grads_all = [g for _, grads in per_group for g in grads]
     device = grads_all[0].device
     quick = host_reads.reads_are_free(device)
+    clipping = _clipping(groups)
 
     def sums_of(exact: bool) -> Tensor:
         parts = []
         for group, (params, grads) in zip(groups, per_group):
             moments = [state[p][_moment_key(group)] for p in params]  # the gradients' order
-            parts.append(moment_sums(moments, grads, exact=exact).to(device) if params
-                         else torch.zeros(3, dtype=torch.float64, device=device))
+            beta = None if clipping else group["betas"][_MOMENT_BETA[group["update"]]]
+            parts.append(moment_sums(moments, grads, exact=exact, beta=beta).to(device)
+                         if params else torch.zeros(3, dtype=torch.float64, device=device))
         return torch.cat(parts)
 
     sums = sums_of(exact=not quick)
     if quick and not math.isfinite(float(sums.sum())):  # a plain load on the CPU
-        head = fused_norm_stats(grads_all, device)  # decides exactly
+        head = fused_norm_stats(grads_all, device, norm=clipping)  # decides exactly
         if float(head[1]) == 0:
             sums = sums_of(exact=True)  # finite, only beyond float32's squares
     else:
-        grad_sq = sums[2::3].sum()
-        finite = torch.isfinite(grad_sq)  # float64 sums of squares: finite iff the entries are
-        head = torch.stack([torch.where(finite, grad_sq, 0.0), (~finite).to(torch.float64)])
+        # float64 sums of squares are finite iff the entries are; float32 ones were checked.
+        total = sums[2::3].sum() if clipping else sums[0::3].sum()
+        finite = torch.isfinite(total)
+        head = torch.stack([torch.where(finite, total, 0.0) if clipping else
+                            torch.zeros_like(total), (~finite).to(torch.float64)])
     return reduce_stats(torch.cat([head, sums]))
+
+
+def _clipping(groups: list[dict[str, Any]]) -> bool:
+    return any(group["max_grad_norm"] is not None for group in groups)
 
 
 def fused_scales(groups: list[dict[str, Any]], packed: Tensor, norm: Tensor | None,
@@ -243,6 +255,8 @@ def fused_scales(groups: list[dict[str, Any]], packed: Tensor, norm: Tensor | No
     """Per group ``[s, s']`` for the fused kernel (None: a group that does not ascend), from
     ``fused_stats``'s sums; ``norm`` is the gradients' global norm (for the clipping factor),
     ``finite`` the sync-free skip predicate (``s'`` is then 0 in the kernel and not stored)."""
+    if not _clipping(groups):  # the sums are ||m'||^2 per group already
+        return _scales(groups, packed[2::3].sum().sqrt(), finite)
     total = None
     for i, group in enumerate(groups):
         a, b_sum, c_sum = packed[2 + 3 * i:5 + 3 * i]
@@ -252,7 +266,11 @@ def fused_scales(groups: list[dict[str, Any]], packed: Tensor, norm: Tensor | No
             c = torch.clamp(group["max_grad_norm"] / (norm.to(torch.float64) + 1e-6), max=1.0)
         part = b * b * a + 2 * b * (1 - b) * c * b_sum + (1 - b) ** 2 * c * c * c_sum
         total = part if total is None else total + part
-    new_norm = total.sqrt()
+    return _scales(groups, total.sqrt(), finite)
+
+
+def _scales(groups: list[dict[str, Any]], new_norm: Tensor, finite: Tensor | None
+            ) -> list[Tensor | None]:
     out: list[Tensor | None] = []
     for group in groups:
         if not ascends(group):
