@@ -331,6 +331,12 @@ def initialize(args=None, model=None, model_parameters=None, config=None, **kwar
                                   config=ds_config, **kwargs)
     engine = result[0]
     stage = engine.zero_optimization_stage()
+    if stage == 3 and any(group["sam_ascent"] == "momentum" and group["sam_adaptive"]
+                          and group["sam_rho"] > 0 for group in optimizer.param_groups):
+        # Its kept offsets did not reproduce one process reliably under stage 3's sub-groups.
+        raise ValueError("the |w|-scaled momentum ascent (sam_adaptive=True with "
+                         "sam_ascent='momentum') is not supported at ZeRO stage 3: use stage "
+                         "0, 1 or 2, or sam_adaptive=False")
     if stage > 0:
         optimizer.dp_group = engine.optimizer.dp_process_group
         optimizer.partitions = ZeroPartitions(engine.optimizer, stage)

@@ -167,9 +167,14 @@ def test_momentum_ascent_bf16_eval_mode_reaches_the_model(stage):
 @pytest.mark.two_ranks_only
 @pytest.mark.parametrize("stage", [1, 3])
 def test_momentum_ascent_other_rules_and_scaled_form(stage):
-    """Lion-Adan with the |w|-scaled ascent, and Lion; ``sam_step`` runs them as plain steps."""
-    for params in (dict(MSAM, update="lion_adan", sam_adaptive=True, sam_rho=0.5, lr=5e-3),
-                   dict(MSAM, update="lion", lr=5e-3, lookahead_k=0)):
+    """Lion-Adan with the |w|-scaled ascent (refused at stage 3), and Lion; ``sam_step`` runs
+    them as plain steps."""
+    scaled = dict(MSAM, update="lion_adan", sam_adaptive=True, sam_rho=0.5, lr=5e-3)
+    if stage == 3:
+        with pytest.raises(ValueError, match="sam_adaptive"):
+            build(stage, scaled)
+    for params in ([scaled] if stage != 3 else []) + [dict(MSAM, update="lion", lr=5e-3,
+                                                           lookahead_k=0)]:
         ref = Reference(params)
         engine = build(stage, params)
         calls = 0
