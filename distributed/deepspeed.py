@@ -152,7 +152,7 @@ class EngineNeuroOptima(NeuroOptima):
     @property
     def engine_sam_due(self) -> bool:
         """Whether the coming engine step runs gradient-ascent SAM (two passes in sam_step)."""
-        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.all_groups)
+        return any(gradient_due(group) for group in self.all_groups)
 
     def _reduce_norm_stats(self, stats: Tensor) -> Tensor:
         # Every rank steps the same groups in the same order, so one all-reduce per call keeps
@@ -416,7 +416,7 @@ def _norm(owned: list[_Owned], group) -> tuple[float, bool]:
 @torch.no_grad()
 def _perturb(owned: list[_Owned], norm: float) -> None:
     for o in owned:
-        if not gradient_due(o.group, o.group["sam_clock"] + 1):
+        if not gradient_due(o.group):
             continue  # the norm is every group's, the move only where SAM runs this step
         w = o.weight.float().clone()  # the master value, so low-precision targets get w + e
         perturb_([w], [o.grad.float()], rho=o.group["sam_rho"], norm=norm,

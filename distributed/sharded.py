@@ -349,7 +349,7 @@ class ShardedNeuroOptima(Optimizer):
     @property
     def sam_due(self) -> bool:
         """Whether the coming step runs gradient-ascent SAM (two passes); every rank agrees."""
-        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.param_groups)
+        return any(gradient_due(group) for group in self.param_groups)
 
     # ---------------------------------------------------------------- momentum ascent
 
@@ -562,7 +562,7 @@ class ShardedNeuroOptima(Optimizer):
         if not finite:
             return  # the second pass runs at w on this rank
         for group, (params, grads) in zip(self.param_groups, per_group):
-            if gradient_due(group, group["sam_clock"] + 1):
+            if gradient_due(group):
                 perturb_(params, grads, rho=group["sam_rho"], norm=norm,
                          adaptive=group["sam_adaptive"], eta=group["sam_eta"])
 

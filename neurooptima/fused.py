@@ -432,27 +432,26 @@ def fused_norm_stats(tensors: list[Tensor], device: torch.device | None = None, 
     return stats
 
 
-def _moment_sums_exact(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
-    # In float64: squares and products of finite float32 values cannot overflow it, so the
-    # sums are finite exactly when every gradient entry is (see fused_norm_stats).
-    m, g = m.to(torch.float64), g.to(torch.float64)
-    if beta is not None:
-        x = m * beta + g * (1 - beta)
-        return torch.stack([(x * x).sum(), torch.zeros_like(x[:1].sum()),
-                            torch.zeros_like(x[:1].sum())])
-    return torch.stack([(m * m).sum(), (m * g).sum(), (g * g).sum()])
-
-
-def _moment_sums_quick(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
-    # In the tensors' precision: a float64 conversion per element costs a CPU several times
-    # the read itself. Inductor's reductions sum in vectorized partial sums (relative error
-    # about 1e-7 here), far below what the radius needs.
+def _moment_sums_body(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
     if beta is not None:
         b = beta.to(m.dtype)
         x = m * b + g * (1 - b)
         total = (x * x).sum().to(torch.float64)
         return torch.stack([total, torch.zeros_like(total), torch.zeros_like(total)])
     return torch.stack([(m * m).sum(), (m * g).sum(), (g * g).sum()]).to(torch.float64)
+
+
+def _moment_sums_exact(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+    # In float64: squares and products of finite float32 values cannot overflow it, so the
+    # sums are finite exactly when every gradient entry is (see fused_norm_stats).
+    return _moment_sums_body(m.to(torch.float64), g.to(torch.float64), beta)
+
+
+def _moment_sums_quick(m: Tensor, g: Tensor, beta: Tensor | None) -> Tensor:
+    # In the tensors' precision: a float64 conversion per element costs a CPU several times
+    # the read itself. Inductor's reductions sum in vectorized partial sums (relative error
+    # about 1e-7 here), far below what the radius needs.
+    return _moment_sums_body(m, g, beta)
 
 
 def moment_sums(moments: list[Tensor], grads: list[Tensor], *, exact: bool = True,

@@ -101,6 +101,22 @@ def leave_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]],
                 local(p).add_(e if finite is None else torch.where(finite, e, 0.0))
 
 
+def _next_scale(group: dict[str, Any], new_norm: Tensor, finite: Tensor | None) -> Tensor:
+    """``s' = rho / (||m'|| + 1e-12)`` of an ascending group (0 while its step count is at
+    most ``sam_warmup``), stored as its scale; returns the ``s'`` to move by. On a skipped
+    step (``finite`` false) the stored scale stays and the move is 0."""
+    old = _scale_tensor(group, new_norm.device)
+    if group["sam_clock"] <= group["sam_warmup"]:
+        scale = torch.zeros_like(old)
+    else:
+        scale = group["sam_rho"] / (new_norm.to(torch.float64) + NORM_EPS)
+    if finite is None:
+        group[SCALE] = scale
+        return scale
+    group[SCALE] = torch.where(finite, scale, old)
+    return torch.where(finite, scale, 0.0)
+
+
 def take_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]], norm_stats,
           finite: Tensor | None = None) -> None:
     """After the update: ``s' = rho / ||m'||`` for every ascending group, ``w~' = w' - e'``.
@@ -129,17 +145,10 @@ def take_(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]], nor
         if not ascends(group) or not params:
             continue
         weights = local_list(params)
-        old = _scale_tensor(group, weights[0].device)
-        if group["sam_clock"] <= group["sam_warmup"]:
-            scale = torch.zeros_like(old)
-        else:
-            scale = group["sam_rho"] / (norm.to(old.device, torch.float64) + NORM_EPS)
-        group[SCALE] = scale if finite is None else torch.where(finite, scale, old)
+        scale = _next_scale(group, norm.to(weights[0].device), finite)
         for p, w, m in zip(params, weights, moments):
             e = perturbation(w, _upcast(local(m), w), scale=scale,
                              adaptive=group["sam_adaptive"], eta=group["sam_eta"])
-            if finite is not None:
-                e = torch.where(finite, e, 0.0)
             if group["sam_adaptive"]:
                 kept = state[p].get(OFFSET)
                 state[p][OFFSET] = (e if finite is None or kept is None
@@ -277,11 +286,5 @@ def _scales(groups: list[dict[str, Any]], new_norm: Tensor, finite: Tensor | Non
             out.append(None)
             continue
         old = _scale_tensor(group, new_norm.device)
-        if group["sam_clock"] <= group["sam_warmup"]:
-            scale = torch.zeros_like(old)
-        else:
-            scale = group["sam_rho"] / (new_norm + NORM_EPS)
-        applied = scale if finite is None else torch.where(finite, scale, 0.0)
-        group[SCALE] = scale if finite is None else torch.where(finite, scale, old)
-        out.append(torch.stack([old, applied]))
+        out.append(torch.stack([old, _next_scale(group, new_norm, finite)]))
     return out

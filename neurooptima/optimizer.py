@@ -290,7 +290,7 @@ class NeuroOptima(Optimizer):
     def sam_due(self) -> bool:
         """Whether the coming step runs gradient-ascent SAM: two forward/backward passes
         (``first_step()`` after the first, ``second_step()`` after the second)."""
-        return any(gradient_due(group, group["sam_clock"] + 1) for group in self.param_groups)
+        return any(gradient_due(group) for group in self.param_groups)
 
     # ---------------------------------------------------------------- momentum ascent
 
@@ -465,7 +465,7 @@ class NeuroOptima(Optimizer):
                 return
         self._sam_phase = "perturbed"
         for group, (params, grads) in zip(self.param_groups, per_group):
-            if not gradient_due(group, group["sam_clock"] + 1) or not params:
+            if not gradient_due(group) or not params:
                 continue
             dtype = group.get("state_dtype")
             if all(reduced_state.stores_perturbation(p.dtype, dtype) for p in params):

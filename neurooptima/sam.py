@@ -55,9 +55,11 @@ def perturb_(params: list[Tensor], grads: list[Tensor], *, rho: float, norm: flo
         p.add_(e if finite is None else torch.where(finite, e, 0.0))
 
 
-def gradient_due(group: dict, clock: int) -> bool:
-    """Whether step number ``clock`` (1-based) of ``group`` runs gradient-ascent SAM: ``sam_rho``
-    > 0 and the count a multiple of ``sam_interval`` and at least ``sam_start``. The decision
-    comes from the count alone, so every rank takes it alike."""
+def gradient_due(group: dict) -> bool:
+    """Whether the coming step of ``group`` (number ``sam_clock + 1``, 1-based) runs
+    gradient-ascent SAM: ``sam_rho`` > 0 and the number a multiple of ``sam_interval`` and at
+    least ``sam_start``. The decision comes from the count alone, so every rank takes it
+    alike."""
+    step = group.get("sam_clock", 0) + 1
     return (group.get("sam_ascent", "gradient") == "gradient" and group["sam_rho"] > 0
-            and clock % group.get("sam_interval", 1) == 0 and clock >= group.get("sam_start", 1))
+            and step % group.get("sam_interval", 1) == 0 and step >= group.get("sam_start", 1))
