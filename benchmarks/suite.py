@@ -23,12 +23,17 @@ Protocol (the same for every candidate; AlgoPerf-style, sized for two CPU cores)
    diverged run scores worst). Candidates with a rho then search ``RHO_LADDER`` the same way at
    the chosen learning rate (three points around their usual rho, widened until interior, at
    most ``MAX_RHO_TRIALS``). The tuning budget is the same for every candidate with a rho.
+   Ties go to the smallest tied value inside the tried range, else to the smaller edge; a
+   resumed search chooses from every recorded point.
 3. Evaluation: seeds 0..``seeds - 1`` at the chosen setting, the whole budget; the validation
    metric at ``evals`` evenly spaced points of the gradient budget (with the gradient
    evaluations and CPU seconds of training so far), the test metric at the fractions
    ``test_at`` of the budget and at the end, the training metric at the end (the
    generalization gap). Candidates that hold an ascent point between steps (momentum ascent,
    MSAM) are evaluated at w: ``optimizer.eval()`` before, ``optimizer.train()`` after.
+4. Candidates: every one on every workload, except the sharpness-aware forms with Lookahead,
+   which run only where Lookahead pays (``lookahead_pays``), and the bfloat16-state
+   comparison, which runs on the workloads its candidate names (``Candidate.only_on``).
 
 Every run is one JSON line in ``<out>/<workload>.jsonl`` (default
 ``benchmarks/results/suite_cosine``), keyed by (workload, candidate, lr, rho, seed); a run
@@ -76,7 +81,7 @@ from training_step import augment, loss_fn, train_step, warmup_cosine, warmup_st
 RESULTS = ROOT / "benchmarks" / "results" / "suite_cosine"
 SELECTION_SEED = 1000          # learning-rate and rho search; never an evaluation seed
 MAX_LR_TRIALS = 7
-MAX_RHO_TRIALS = 7
+MAX_RHO_TRIALS = 9
 WEIGHT_DECAY = 0.01            # decoupled decay of every adaptive baseline
 SGD_WEIGHT_DECAY = 5e-4        # SGD's usual (coupled) decay
 WARMUP_FRACTION = 0.05
@@ -89,8 +94,9 @@ NOISE_SEED = 12345             # which training labels a noisy workload flips (f
 AUGMENT_SEED = 4242            # augmentation draws: a function of the run's seed only
 # Half-decade learning-rate ladder: 1e-5, 3.16e-5, ..., 1, 3.16.
 LADDER = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-10, 2))
-# 1-2-5 rho ladder: SAM's usual radii (0.05) and momentum ascent's (1-3) on one scale.
-RHO_LADDER = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+# 1-2-5 rho ladder: SAM's usual radii (0.05) and momentum ascent's (1-3) on one scale, down to
+# radii small enough that a search which keeps shrinking rho ends inside it.
+RHO_LADDER = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 # ------------------------------------------------------------------ workloads
@@ -135,10 +141,6 @@ def _workloads(quick: bool) -> dict[str, Workload]:
                  about="generalization-bound: a wide CNN (width 24, 240k parameters) on 2,000 "
                        "Fashion-MNIST images, random 1-pixel crops and horizontal flips, 40 "
                        "epochs (training accuracy near 100 %, test accuracy well below)"),
-        Workload("fashion-cnn", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
-                 n_train=20000, n_val=2000, n_test=5000,
-                 model_options=dict(width=16, spatial=7),
-                 about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images"),
         Workload("fashion-noisy", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
                  n_train=20000, n_val=2000, n_test=5000, label_noise=0.3,
                  model_options=dict(width=16, spatial=7),
@@ -150,6 +152,10 @@ def _workloads(quick: bool) -> dict[str, Workload]:
                  data_options=dict(seq_len=64),
                  about="2-layer causal transformer (d_model 32) on 64-character windows of "
                        "Shakespeare, next-character cross-entropy"),
+        Workload("fashion-cnn", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
+                 n_train=20000, n_val=2000, n_test=5000,
+                 model_options=dict(width=16, spatial=7),
+                 about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images"),
     )}
 
 
@@ -208,6 +214,8 @@ class Candidate:
     moves_weights: bool = False    # holds an ascent point: evaluated between eval() and train()
     needs: tuple[str, ...] = ()    # NeuroOptima arguments it passes
     settings: dict = field(default_factory=dict)
+    only_on: tuple[str, ...] = ()  # the workloads it runs on (empty: all)
+    with_lookahead: bool = False   # a sharpness-aware form + Lookahead: runs where Lookahead pays
 
     @property
     def tune_rho(self) -> bool:
@@ -256,7 +264,7 @@ def _pt(name: str):
 
 
 def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool = False,
-           sam_every: int = 0, sam_from: float = 0.0) -> Candidate:
+           sam_every: int = 0, sam_from: float = 0.0, **extra) -> Candidate:
     """A NeuroOptima configuration: ``fixed`` settings on top of the constructor defaults;
     with ``rho_start`` its sam_rho is tuned, with ``ascent`` it is momentum ascent (warm-up of
     the ascent = the warm-up of the learning rate), with ``sam_from`` it starts SAM late."""
@@ -283,9 +291,11 @@ def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool 
         settings.update(sam_ascent="momentum", sam_warmup="the LR warm-up steps")
     if sam_from:
         settings["sam_start"] = f"step {sam_from:g} x its steps + 1"
+    settings = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+                for k, v in settings.items()}
     return Candidate(name, build, 3.16e-3, sam_every=sam_every, sam_from=sam_from,
                      rho_start=rho_start, moves_weights=ascent, needs=needs,
-                     settings=settings or dict(note="constructor defaults, LR tuned"))
+                     settings=settings or dict(note="constructor defaults, LR tuned"), **extra)
 
 
 def _neuro_candidates() -> list[Candidate]:
@@ -293,11 +303,13 @@ def _neuro_candidates() -> list[Candidate]:
     every = dict(sam_interval=SAM_INTERVAL)
     out = [_neuro("NeuroOptima default", {}), _neuro("NeuroOptima Lookahead", la)]
     for suffix, extra in (("", {}), (" + Lookahead", la)):
-        out += [_neuro("NeuroOptima momentum ascent" + suffix, dict(extra), 1.0, ascent=True),
+        gate = dict(with_lookahead=bool(extra))
+        out += [_neuro("NeuroOptima momentum ascent" + suffix, dict(extra), 1.0, ascent=True,
+                       **gate),
                 _neuro(f"NeuroOptima SAM every {SAM_INTERVAL}th" + suffix, {**every, **extra},
-                       0.05, sam_every=SAM_INTERVAL),
+                       0.05, sam_every=SAM_INTERVAL, **gate),
                 _neuro("NeuroOptima late SAM" + suffix, dict(extra), 0.05, sam_every=1,
-                       sam_from=LATE_SAM_FROM)]
+                       sam_from=LATE_SAM_FROM, **gate)]
     first = out[:2] + [c for c in out[2:] if "Lookahead" not in c.name]
     return first + [c for c in out[2:] if "Lookahead" in c.name]
 
@@ -346,8 +358,24 @@ def _candidates() -> dict[str, Candidate]:
                   1e-3, rho_start=1.0, moves_weights=True,
                   settings=dict(wd, rho="tuned", source="benchmarks/msam_adamw.py")),
         *neuro[1:],
+        # The defaults with bfloat16 rule state: the state-precision comparison, on the MLP and
+        # the transformer (the workloads where a run is cheapest and where precision bites).
+        _neuro(STATE_BF16, dict(state_dtype=torch.bfloat16),
+               only_on=("digits-mlp", "shakespeare-char")),
     ]
     return {c.name: c for c in cands}
+
+
+STATE_BF16 = "NeuroOptima bf16 state"
+LOOKAHEAD, DEFAULT = "NeuroOptima Lookahead", "NeuroOptima default"
+
+
+def lookahead_pays(w: Workload, with_lookahead: list[dict], without: list[dict]) -> bool:
+    """Whether Lookahead is a contender on a workload: NeuroOptima with it ends at a better
+    mean final validation metric over the seeds than NeuroOptima without it. Only there do
+    the sharpness-aware forms get a "+ Lookahead" row."""
+    return (statistics.fmean(score(w, r) for r in with_lookahead)
+            > statistics.fmean(score(w, r) for r in without))
 
 
 CANDIDATES = _candidates()
@@ -523,24 +551,31 @@ def ladder_index(value: float, ladder: tuple[float, ...] = LADDER) -> int:
 
 def choose(w: Workload, search: dict[float, dict]) -> tuple[float, bool]:
     """(best value among the tried ones, whether it sits at an edge of the tried range); ties
-    go to the smaller value."""
-    best = max(sorted(search), key=lambda v: score(w, search[v]))
-    return best, best in (min(search), max(search))
+    go to the smallest value inside the tried range, else to the smaller edge (a flat
+    stretch that reaches inside the range needs no wider search)."""
+    top = max(score(w, r) for r in search.values())
+    tied = sorted(v for v, r in search.items() if score(w, r) == top)
+    edges = (min(search), max(search))
+    best = next((v for v in tied if v not in edges), tied[0])
+    return best, best in edges
 
 
 choose_lr = choose
 
 
 def widen(w: Workload, ladder: tuple[float, ...], start: float, max_trials: int,
-          run: Callable[[float], dict]) -> dict[float, dict]:
+          run: Callable[[float], dict], known: dict[float, dict] | None = None
+          ) -> dict[float, dict]:
     """Three ladder points around ``start``, then one more beyond whichever edge holds the
-    best, until the best is interior, the ladder ends or ``max_trials`` points have run."""
+    best, until the best is interior, the ladder ends or ``max_trials`` points have run.
+    ``known``: points already recorded, which every choice takes into account (so a resumed
+    search chooses from what the report sees)."""
     centre = ladder_index(start, ladder)
     todo = [centre - 1, centre, centre + 1]
-    search: dict[float, dict] = {}
+    search: dict[float, dict] = dict(known or {})
     while todo:
         for i in todo:
-            if 0 <= i < len(ladder):
+            if 0 <= i < len(ladder) and ladder[i] not in search:
                 search[ladder[i]] = run(ladder[i])
         best, edge = choose(w, search)
         i = ladder_index(best, ladder)
@@ -588,32 +623,57 @@ class Suite:
             self.bar.update()
         return rec
 
+    def recorded(self, w: Workload, cand: Candidate, **fixed) -> list[dict]:
+        """The candidate's search records on this workload with the ``fixed`` lr / rho."""
+        return [r for r in self.store.records.values()
+                if r["workload"] == w.name and r["candidate"] == cand.name
+                and r["phase"] == "search" and all(r[k] == v for k, v in fixed.items())]
+
     def tune(self, w: Workload, cand: Candidate) -> tuple[float, float | None]:
         rho = cand.rho_start
         search = widen(w, LADDER, cand.lr_start, MAX_LR_TRIALS,
-                       lambda lr: self.run(w, cand, lr, rho, SELECTION_SEED))
+                       lambda lr: self.run(w, cand, lr, rho, SELECTION_SEED),
+                       {r["lr"]: r for r in self.recorded(w, cand, rho=rho)})
         lr = choose(w, search)[0]
         if cand.tune_rho:
             by_rho = widen(w, RHO_LADDER, cand.rho_start, MAX_RHO_TRIALS,
-                           lambda r: self.run(w, cand, lr, r, SELECTION_SEED))
+                           lambda r: self.run(w, cand, lr, r, SELECTION_SEED),
+                           {r["rho"]: r for r in self.recorded(w, cand, lr=lr)})
             rho = choose(w, by_rho)[0]
         return lr, rho
 
-    def evaluate(self, w: Workload, cand: Candidate) -> None:
+    def evaluate(self, w: Workload, cand: Candidate) -> list[dict]:
+        """The candidate's seed runs at its tuned setting (run where not recorded)."""
         lr, rho = self.tune(w, cand)
-        for seed in range(self.seeds):
-            self.run(w, cand, lr, rho, seed)
+        return [self.run(w, cand, lr, rho, seed) for seed in range(self.seeds)]
+
+    def due(self, w: Workload, cand: Candidate) -> bool:
+        """Whether the candidate runs on this workload at all (a "+ Lookahead" form only
+        where Lookahead pays, which needs the two rows it compares first; a row already
+        started is finished)."""
+        started = any(r["workload"] == w.name and r["candidate"] == cand.name
+                      for r in self.store.records.values())
+        if not cand.with_lookahead or LOOKAHEAD not in CANDIDATES or started:
+            return True
+        pays = lookahead_pays(w, self.evaluate(w, CANDIDATES[LOOKAHEAD]),
+                              self.evaluate(w, CANDIDATES[DEFAULT]))
+        if not pays:
+            print(f"\n[suite] {w.name}: {cand.name} not run ({LOOKAHEAD} does not end above "
+                  f"{DEFAULT} on validation)", flush=True)
+        return pays
 
 
 def plan(workloads: dict[str, Workload], candidates: list[str],
          whole: int = 2) -> list[tuple[str, str]]:
     """(workload, candidate) in the order of the work: every candidate on each of the first
     ``whole`` workloads (the cheapest, then the generalization-bound one), then candidate by
-    candidate (priority order) over the remaining workloads."""
+    candidate (priority order) over the remaining workloads; a candidate restricted to some
+    workloads only on those."""
     names = list(workloads)
     order = [(wl, c) for wl in names[:whole] for c in candidates]
     order += [(wl, c) for c in candidates for wl in names[whole:]]
-    return order
+    return [(wl, c) for wl, c in order
+            if not CANDIDATES[c].only_on or wl in CANDIDATES[c].only_on]
 
 
 def estimate_runs(pairs: list[tuple[str, str]], seeds: int) -> int:
@@ -678,7 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = Suite(workloads, store, seeds, deadline, bar, args.profile)
         try:
             for wl, c in pairs:
-                suite.evaluate(workloads[wl], CANDIDATES[c])
+                if suite.due(workloads[wl], CANDIDATES[c]):
+                    suite.evaluate(workloads[wl], CANDIDATES[c])
         except OutOfTime:
             print(f"\n[suite] --budget-minutes reached after {suite.ran} new runs; "
                   f"rerun the same command to continue", flush=True)

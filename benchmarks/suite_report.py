@@ -173,8 +173,23 @@ def analyse(records: list[dict], meta: dict | None = None, seeds: int | None = N
                    if base.get("complete") else None)
         for row in rows.values():
             _measure(w, row, target, ref_cpu)
-        out[wname] = dict(workload=w, target=target, ref_cpu=ref_cpu, rows=rows)
+        out[wname] = dict(workload=w, target=target, ref_cpu=ref_cpu, rows=rows,
+                          planned=[c for c, cand in S.CANDIDATES.items()
+                                   if not cand.only_on or wname in cand.only_on],
+                          not_run=_not_run(w, rows))
+        out[wname]["planned"] = [c for c in out[wname]["planned"]
+                                 if c not in out[wname]["not_run"]]
     return dict(workloads=out, seeds=seeds, n_records=len(records))
+
+
+def _not_run(w: S.Workload, rows: dict[str, dict]) -> list[str]:
+    """The "+ Lookahead" sharpness-aware rows the suite does not run on this workload
+    because Lookahead does not pay there (as ``suite.Suite.due`` decides)."""
+    la, plain = rows.get(S.LOOKAHEAD), rows.get(S.DEFAULT)
+    if not (la and plain and la["complete"] and plain["complete"]) or \
+            S.lookahead_pays(w, la["runs"], plain["runs"]):
+        return []
+    return [c for c, cand in S.CANDIDATES.items() if cand.with_lookahead and c not in rows]
 
 
 def _measure(w: S.Workload, row: dict, target: float | None, ref_cpu: float | None) -> None:
@@ -317,9 +332,10 @@ def status_line(result: dict) -> str:
     done = [name for name, *_ in _pairs(result)]
     total = list(result["workloads"])
     rows = sum(r["complete"] for wl in result["workloads"].values() for r in wl["rows"].values())
+    planned = sum(len(wl["planned"]) for wl in result["workloads"].values())
     return (f"Warm-up + cosine protocol, equal gradient budgets. Measured on {len(done)} of "
             f"{len(total)} workloads ({', '.join(done) or 'none yet'}); {rows} of "
-            f"{len(total) * len(S.CANDIDATES)} (workload, candidate) rows complete, "
+            f"{planned} (workload, candidate) rows complete, "
             f"{result['n_records']} runs recorded.")
 
 
@@ -494,11 +510,12 @@ def robust_lr(rows_by_workload: list[dict]) -> float | None:
 
 def recommended(result: dict) -> dict | None:
     """The NeuroOptima configuration fastest to target in gradient evaluations (geometric mean
-    over the workloads where every configuration has a complete row) and its robust LR; None
-    without such a workload."""
-    names = list(S.NEURO_CONFIGS)
+    over the workloads), among those with a complete row on every workload that has a target,
+    and its robust LR; None when no configuration has. (A "+ Lookahead" form that a workload
+    does not run, Lookahead paying nothing there, is not a candidate for the defaults.)"""
     times = profile_times(result, "grad_evals_to_target")
-    usable = {w: t for w, t in times.items() if all(n in t for n in names)}
+    names = [n for n in S.NEURO_CONFIGS if times and all(n in t for t in times.values())]
+    usable = times if names else {}
     if not usable:
         return None
     score = {n: statistics.fmean(
@@ -521,8 +538,9 @@ def recommendation(result: dict) -> list[str]:
     """``recommended`` in words and a table, and whether the constructor defaults are it."""
     rec = recommended(result)
     if rec is None:
-        return ["Recommended defaults: not enough complete NeuroOptima rows yet (needs every "
-                f"configuration, {', '.join(S.NEURO_CONFIGS)}, complete on a workload)."]
+        return ["Recommended defaults: not enough complete NeuroOptima rows yet (needs a "
+                f"configuration among {', '.join(S.NEURO_CONFIGS)} complete on every workload "
+                "with a target)."]
     names = rec["names"]
     body = []
     for w, t in rec["times"].items():
@@ -711,6 +729,10 @@ def markdown(result: dict) -> str:
                         "epochs to target", "grad. evals to target", "CPU s to target",
                         f"{metric_head} (equal grad. evals)", f"{metric_head} (equal CPU s)",
                         "train acc. %", "gap, points", "loss variance"], body), ""]
+        if wl["not_run"]:
+            out += [f"Not run here: {', '.join(wl['not_run'])} ({S.LOOKAHEAD} does not end "
+                    f"above {S.DEFAULT} on validation, so Lookahead is no contender on this "
+                    "workload).", ""]
         edges = [c for c, r in rows.items() if r["lr_edge"] or r["rho_edge"]]
         if edges:
             out += [f"LR or rho at the edge of its searched range (search still widening or "

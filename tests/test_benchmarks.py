@@ -53,7 +53,13 @@ def test_smoke_run_writes_records_report_and_plots(smoke):
     assert (smoke / "REPORT.md").is_file()
     assert (smoke / "suite_digits-mlp.png").is_file()
     runnable, _ = suite.available(suite.CANDIDATES)
-    assert {r["candidate"] for r in records} == set(runnable)
+    # The "+ Lookahead" sharpness-aware rows run exactly where Lookahead pays.
+    w = suite._workloads(quick=True)["digits-mlp"]
+    seeds = {c: [r for r in records if r["candidate"] == c and r["phase"] == "seed"]
+             for c in (suite.LOOKAHEAD, suite.DEFAULT)}
+    pays = suite.lookahead_pays(w, seeds[suite.LOOKAHEAD], seeds[suite.DEFAULT])
+    expected = {c for c in runnable if pays or not suite.CANDIDATES[c].with_lookahead}
+    assert {r["candidate"] for r in records} == expected
     for rec in records:
         cand = suite.CANDIDATES[rec["candidate"]]
         plan = cand.plan(rec["budget"])
@@ -381,3 +387,54 @@ def test_equal_cpu_reading_interpolates_between_test_points():
     assert got["acc"] == pytest.approx(0.825) and got["loss"] == pytest.approx(0.55)
     assert suite_report.test_at_cpu(rec, 5.0) is None                       # no point yet
     assert suite_report.test_at_cpu(dict(rec, diverged=True), 25.0) is None
+
+
+def _scored(values: dict[float, float]) -> dict[float, dict]:
+    """Search records whose final validation accuracy is the given value per setting."""
+    return {v: dict(diverged=False, curve=[[1, 1, 0.0, acc]]) for v, acc in values.items()}
+
+
+def test_choose_takes_a_flat_best_inside_the_tried_range():
+    w = suite._workloads(quick=True)["digits-mlp"]
+    # A plateau from the lower edge into the range: its smallest inner point, no edge.
+    assert suite.choose(w, _scored({1e-3: 0.9, 2e-3: 0.9, 5e-3: 0.9, 1e-2: 0.8})) == (2e-3, False)
+    # The best only at an edge: that edge, flagged so the search widens.
+    assert suite.choose(w, _scored({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7})) == (1e-3, True)
+    assert suite.choose(w, _scored({1e-3: 0.7, 2e-3: 0.9, 5e-3: 0.9})) == (2e-3, False)
+
+
+def test_widen_resumes_from_recorded_points():
+    """A resumed search chooses from every recorded point, as the report does, and runs only
+    what is missing."""
+    w = suite._workloads(quick=True)["digits-mlp"]
+    ladder = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    acc = {1.0: 0.5, 2.0: 0.6, 3.0: 0.7, 4.0: 0.8, 5.0: 0.9, 6.0: 0.85}
+    ran = []
+
+    def run(v):
+        ran.append(v)
+        return _scored({v: acc[v]})[v]
+
+    search = suite.widen(w, ladder, 3.0, 9, run)
+    assert ran == [2.0, 3.0, 4.0, 5.0, 6.0] and suite.choose(w, search)[0] == 5.0
+    ran.clear()
+    again = suite.widen(w, ladder, 3.0, 9, run, known=search)
+    assert ran == [] and suite.choose(w, again) == (5.0, False)
+    # Only the first three recorded: the search goes on from there.
+    part = {v: search[v] for v in (2.0, 3.0, 4.0)}
+    assert suite.choose(w, suite.widen(w, ladder, 3.0, 9, run, known=part))[0] == 5.0
+    assert ran == [5.0, 6.0]
+
+
+def test_lookahead_rows_are_run_only_where_lookahead_pays():
+    w = suite._workloads(quick=True)["digits-mlp"]
+    better, worse = [_scored({0: 0.95})[0]] * 2, [_scored({0: 0.90})[0]] * 2
+    assert suite.lookahead_pays(w, better, worse) and not suite.lookahead_pays(w, worse, better)
+    gated = [c for c, cand in suite.CANDIDATES.items() if cand.with_lookahead]
+    assert gated and all("Lookahead" in c for c in gated)
+    # The report names the rows the runner leaves out, and does not count them as planned.
+    rows = {suite.LOOKAHEAD: dict(complete=True, runs=worse),
+            suite.DEFAULT: dict(complete=True, runs=better)}
+    assert suite_report._not_run(w, rows) == gated
+    rows[suite.LOOKAHEAD]["runs"] = [_scored({0: 0.97})[0]] * 2
+    assert suite_report._not_run(w, rows) == []
