@@ -106,18 +106,24 @@ def test_check_fails_on_a_stale_block(smoke, tmp_path):
 
 
 def _committed_results(folder: Path) -> Path:
-    """The results JSON that git tracks, copied to ``folder`` (all of them outside a checkout):
-    files a benchmark has just written but nobody committed yet are not part of the README."""
+    """The results JSON as git's index holds them, written to ``folder`` (all of them outside
+    a checkout): records a running suite is still appending, or files a benchmark has just
+    written, are not part of the README until they are added."""
     listed = subprocess.run(["git", "ls-files", "benchmarks/results/*.json",
                              f"benchmarks/results/{report.SUITE_DIR}/*"], cwd=ROOT,
                             capture_output=True, text=True)
     names = listed.stdout.split() if listed.returncode == 0 else []
-    paths = ([ROOT / n for n in names] if names else
-             [*RESULTS.glob("*.json"), *(RESULTS / report.SUITE_DIR).glob("*")])
-    for path in paths:
-        target = folder / path.relative_to(RESULTS)
+    if not names:
+        for path in [*RESULTS.glob("*.json"), *(RESULTS / report.SUITE_DIR).glob("*")]:
+            target = folder / path.relative_to(RESULTS)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        return folder
+    for name in names:
+        target = folder / (ROOT / name).relative_to(RESULTS)
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
+        target.write_bytes(subprocess.run(["git", "show", f":{name}"], cwd=ROOT, check=True,
+                                          capture_output=True).stdout)
     return folder
 
 
