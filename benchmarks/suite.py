@@ -4,7 +4,7 @@ until its best learning rate (and rho) is interior, one stored record per run.
 
     python benchmarks/suite.py                          # run (or resume) the full suite
     python benchmarks/suite.py --budget-minutes 30      # start no new run after 30 minutes
-    python benchmarks/suite.py --only fashion-cnn AdamW # only these workloads / candidates
+    python benchmarks/suite.py --only fashion-2k AdamW  # only these workloads / candidates
     python benchmarks/suite.py --profile quick          # CI: tiny budgets, a temporary folder
 
 Protocol (the same for every candidate; AlgoPerf-style, sized for two CPU cores):
@@ -144,18 +144,15 @@ def _workloads(quick: bool) -> dict[str, Workload]:
         Workload("fashion-noisy", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
                  n_train=20000, n_val=2000, n_test=5000, label_noise=0.3,
                  model_options=dict(width=16, spatial=7),
-                 about="the fashion-cnn workload with 30 % of the training labels flipped to "
-                       "another class (validation and test labels clean)"),
+                 about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images, 30 % "
+                       "of the training labels flipped to another class (validation and test "
+                       "labels clean)"),
         Workload("shakespeare-char", "shakespeare", "transformer", batch_size=32, epochs=1,
                  evals=16, n_train=51200, n_val=400, n_test=2000, metric="loss",
                  model_options=dict(d_model=32, n_heads=2, n_layers=2),
                  data_options=dict(seq_len=64),
                  about="2-layer causal transformer (d_model 32) on 64-character windows of "
                        "Shakespeare, next-character cross-entropy"),
-        Workload("fashion-cnn", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
-                 n_train=20000, n_val=2000, n_test=5000,
-                 model_options=dict(width=16, spatial=7),
-                 about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images"),
     )}
 
 
