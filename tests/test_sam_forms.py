@@ -401,3 +401,33 @@ def test_huge_finite_gradients_are_stepped_not_skipped():
         assert opt.param_groups[0]["skipped_steps"] == 0
         results.append([p.detach().clone() for p in params])
     assert _rel(results[1], results[0]) < 1e-6
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=("loop", "foreach", "fused"))
+@pytest.mark.parametrize("adaptive", (False, True), ids=("sam", "asam"))
+def test_momentum_ascent_with_a_layer_frozen_midway(kernel, adaptive):
+    """A layer frozen after some steps keeps its moment but gets no gradient: the ascent's norm
+    and offsets still cover it (it has a first moment), its weights w stay where they were."""
+    dtype = torch.float32 if kernel.get("fused") else torch.float64
+    options = dict(sam_ascent="momentum", sam_rho=0.5 if adaptive else 2.0,
+                   sam_adaptive=adaptive, lr=1e-2)
+    model, batches = _problem(dtype)
+    twin = copy.deepcopy(model)
+    params, ref_params = list(model.parameters()), list(twin.parameters())
+    opt = NeuroOptima(params, **options, **kernel)
+    ref = ScheduledReference([{"params": ref_params}], **options)
+    for t in range(8):
+        if t == 3:  # freeze the first layer
+            for p in (*params[:2], *ref_params[:2]):
+                p.requires_grad_(False)
+            opt.eval()
+            frozen_w = [p.detach().clone() for p in params[:2]]
+            opt.train()
+        x, y = batches[t % len(batches)]
+        opt.step(_closure(model, params, x, y))
+        ref.step(_closure(twin, ref_params, x, y))
+    tol = 1e-5 if dtype == torch.float32 else 1e-12  # float32: both sides round, 8 steps
+    assert _rel(params, ref_params) < tol
+    opt.eval()
+    assert _rel(params, ref.weights()) < tol
+    assert _rel(params[:2], frozen_w) < tol
