@@ -66,9 +66,10 @@ def _trainer(tmp_path, model, optimizer, samples, **args):
         def _get_train_sampler(self, train_dataset=None):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
+    args = dict(dict(save_strategy="no"), **args)
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        report_to=[], logging_strategy="no", disable_tqdm=True,
         lr_scheduler_type="constant", remove_unused_columns=False, **args)
     return InOrder(model=model, args=arguments, train_dataset=samples,
                    optimizers=(optimizer, None) if optimizer is not None else (None, None))
@@ -130,6 +131,54 @@ def test_plain_trainer_runs_the_one_gradient_form(tmp_path):
                   torch.stack([s["labels"] for s in chunk]))["loss"].backward()
         optimizer.step()
     assert _max_error(model, reference) < 1e-6
+
+
+def _saved_weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sam_trainer_saves_momentum_ascent_at_w_and_resumes_exactly(tmp_path):
+    """Plain Trainer saves whatever the model holds (the ascent point w~ under momentum
+    ascent); SAMTrainer saves w, in checkpoints and in save_model(), and a checkpoint resumes
+    the uninterrupted run."""
+    samples = _samples(16)
+    hyper = dict(HYPER, sam_rho=1.0, sam_ascent="momentum")
+    model = Net()
+    reference = copy.deepcopy(model)
+    resumed_model = copy.deepcopy(model)
+    optimizer = NeuroOptima(model.parameters(), **hyper)
+    trainer = _trainer(tmp_path / "run", model, optimizer, samples, max_grad_norm=0.0,
+                       num_train_epochs=1, save_strategy="steps", save_steps=2)
+    trainer.train()
+    # The plain loop, and its weights w at the end.
+    plain = NeuroOptima(reference.parameters(), **hyper)
+    for start in range(0, 16, 4):
+        chunk = samples[start:start + 4]
+        plain.zero_grad()
+        reference(torch.stack([s["x"] for s in chunk]),
+                  torch.stack([s["labels"] for s in chunk]))["loss"].backward()
+        plain.step()
+    assert _max_error(model, reference) < 1e-6  # the model holds w~ while training
+    plain.eval()
+    at_w = {f"body.{k}": v for k, v in reference.body.state_dict().items()}
+    # w~ and w differ here, so the checks below can fail.
+    assert (model.body[0].weight - reference.body[0].weight).abs().max().item() > 1e-4
+    for folder in (tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        if folder.name == "final":
+            trainer.save_model(str(folder))
+        saved = _saved_weights(folder)
+        assert max((saved[k] - v).abs().max().item() for k, v in at_w.items()) < 1e-6, folder
+    # Saving left the model (at w~) and the optimizer (training mode) where training had them.
+    assert not optimizer.param_groups[0]["ascent_eval"]
+    plain.train()
+    assert _max_error(model, reference) < 1e-6
+    # Resume from the step-2 checkpoint: the same end as the uninterrupted run.
+    again = _trainer(tmp_path / "run", resumed_model,
+                     NeuroOptima(resumed_model.parameters(), **hyper), samples,
+                     max_grad_norm=0.0, num_train_epochs=1, save_strategy="no")
+    again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert _max_error(resumed_model, model) < 1e-6
 
 
 def test_trainer_optimizer_cls_and_kwargs_takes_weight_decay_from_args(tmp_path):

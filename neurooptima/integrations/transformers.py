@@ -11,7 +11,10 @@ micro-batch, so a step equals ``step(closure)`` on the concatenated batch.
 Trainer's gradient clipping (``max_grad_norm``, default 1.0) acts on the second-pass gradient,
 the one the update uses, as NeuroOptima's own ``max_grad_norm`` does. The one-gradient form
 (``sam_ascent="momentum"``) and SAM off need none of this: plain ``Trainer`` runs them, and it
-calls the optimizer's ``train()``/``eval()`` itself.
+calls the optimizer's ``train()``/``eval()`` around training and evaluation itself. It does not
+around saving: plain Trainer saves the model at the ascent point ``w~``. ``SAMTrainer`` saves at
+``w``: models, and checkpoints whose optimizer state (in eval mode, holding ``w~``) resumes
+the exact trajectory.
 
 Combinations that cannot be exact raise ``SAMTrainerError`` at the first SAM step: DeepSpeed
 (its engine steps the optimizer per partition), FSDP through accelerate, fp16 with a gradient
@@ -29,6 +32,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..batchnorm import frozen_batchnorm_stats
+from ..momentum_ascent import EVALUATING
 from . import unwrap_optimizer
 
 __all__ = ["SAMTrainerMixin", "SAMTrainer", "SAMTrainerError"]
@@ -64,11 +68,39 @@ def _check_exact(trainer: Any) -> None:
             "supported: launch one process per GPU (torchrun), which Trainer runs as DDP" + _FIX)
 
 
+@contextlib.contextmanager
+def _at_weights(optimizer: Any):
+    """The model at ``w`` inside (``optimizer.eval()``), back to the ascent point after
+    unless it was already at ``w``; nothing for an optimizer without the phases."""
+    optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
+    groups = getattr(optimizer, "param_groups", [])
+    if not callable(getattr(optimizer, "eval", None)) or \
+            any(group.get(EVALUATING) for group in groups):
+        yield
+        return
+    optimizer.eval()
+    try:
+        yield
+    finally:
+        optimizer.train()
+
+
 class SAMTrainerMixin:
     """Put before ``Trainer`` (or a Trainer subclass) in the bases: ``class MyTrainer(
     SAMTrainerMixin, Trainer)``. Steps on which the optimizer runs no two-pass SAM
     (``sam_rho=0``, ``sam_ascent="momentum"``, a scheduled plain step, another optimizer)
-    go through Trainer's ``training_step`` unchanged."""
+    go through Trainer's ``training_step`` unchanged. Models and checkpoints are saved at
+    ``w`` (``optimizer.eval()`` around them), never at a momentum-ascent point."""
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with _at_weights(self.optimizer):
+            super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # The model and the optimizer's state in one mode: at w, the state in eval mode
+        # (holding w~), so that Trainer's train() on resuming restores the ascent point.
+        with _at_weights(self.optimizer):
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
