@@ -98,3 +98,92 @@ def test_gradient_accumulation_with_sam_is_refused():
     with pytest.raises(RuntimeError, match="accumulate_grad_batches=2.*manual optimization"):
         trainer.fit(module, loader)
     assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))
+
+
+# ------------------------------------------------------------------ momentum ascent
+
+MOMENTUM = dict(lr=1e-2, sam_rho=1.0, sam_ascent="momentum")
+
+
+class AscentModule(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+        self.val_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_losses.append(float(nn.functional.cross_entropy(self.net(x), y)))
+
+    def configure_optimizers(self):
+        return NeuroOptima(self.parameters(), **MOMENTUM)
+
+
+def _plain_at_w(loader, steps: int) -> list[torch.Tensor]:
+    """The weights w after ``steps`` steps of the plain loop."""
+    net = _net()
+    optimizer = NeuroOptima(net.parameters(), **MOMENTUM)
+    for _, (xb, yb) in zip(range(steps), loader):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(xb), yb).backward()
+        optimizer.step()
+    optimizer.eval()
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def test_eval_at_weights_validates_checkpoints_and_leaves_the_model_at_w(tmp_path):
+    """EvalAtWeights: validation scores w, checkpoints hold w and resume the exact run, and
+    the fitted module is at w; without it Lightning reads the ascent point."""
+    from neurooptima.integrations.lightning import EvalAtWeights
+
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:16], y[:16]),
+                                      batch_size=16)
+    at_w = _plain_at_w(loader, STEPS)
+    net_w = _net()
+    with torch.no_grad():
+        for p, w in zip(net_w.parameters(), at_w):
+            p.copy_(w)
+    val_at_w = float(nn.functional.cross_entropy(net_w(x[:16]), y[:16]))
+
+    def gap(params, ref):
+        return max(float((p - r).abs().max()) for p, r in zip(params, ref))
+
+    results = {}
+    for name, callbacks in (("plain", []), ("callback", [EvalAtWeights()])):
+        module = AscentModule()
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, callbacks=callbacks,
+                            default_root_dir=tmp_path / name,
+                            enable_checkpointing=False)
+        trainer.fit(module, loader, val)
+        results[name] = (gap(module.net.parameters(), at_w),
+                         abs(module.val_losses[-1] - val_at_w))
+    assert results["plain"][0] > 1e-4 and results["plain"][1] > 1e-6  # ascent point read
+    assert results["callback"][0] < 1e-6 and results["callback"][1] < 1e-6
+
+    # A checkpoint at the end of the first of two epochs holds w (and the optimizer in eval
+    # mode); resuming from it ends where the uninterrupted run ends.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def two_epochs(module, **fit):
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1,
+                                save_on_train_epoch_end=True, filename="{epoch}")
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[saver, EvalAtWeights()]
+                  ).fit(module, loader, **fit)
+
+    module = AscentModule()
+    two_epochs(module)
+    saved = torch.load(tmp_path / "ckpt" / "epoch=0.ckpt", weights_only=True)
+    assert gap([saved["state_dict"][f"net.{k}"] for k in ("0.weight", "0.bias", "2.weight",
+                                                           "2.bias")], at_w) < 1e-6
+    resumed = AscentModule()
+    two_epochs(resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert gap(resumed.net.parameters(), list(module.net.parameters())) < 1e-6

@@ -32,8 +32,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..batchnorm import frozen_batchnorm_stats
-from ..momentum_ascent import EVALUATING
-from . import unwrap_optimizer
+from . import at_weights, unwrap_optimizer
 
 __all__ = ["SAMTrainerMixin", "SAMTrainer", "SAMTrainerError"]
 
@@ -68,23 +67,6 @@ def _check_exact(trainer: Any) -> None:
             "supported: launch one process per GPU (torchrun), which Trainer runs as DDP" + _FIX)
 
 
-@contextlib.contextmanager
-def _at_weights(optimizer: Any):
-    """The model at ``w`` inside (``optimizer.eval()``), back to the ascent point after
-    unless it was already at ``w``; nothing for an optimizer without the phases."""
-    optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
-    groups = getattr(optimizer, "param_groups", [])
-    if not callable(getattr(optimizer, "eval", None)) or \
-            any(group.get(EVALUATING) for group in groups):
-        yield
-        return
-    optimizer.eval()
-    try:
-        yield
-    finally:
-        optimizer.train()
-
-
 class SAMTrainerMixin:
     """Put before ``Trainer`` (or a Trainer subclass) in the bases: ``class MyTrainer(
     SAMTrainerMixin, Trainer)``. Steps on which the optimizer runs no two-pass SAM
@@ -93,13 +75,13 @@ class SAMTrainerMixin:
     ``w`` (``optimizer.eval()`` around them), never at a momentum-ascent point."""
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        with _at_weights(self.optimizer):
+        with at_weights(self.optimizer):
             super().save_model(output_dir, _internal_call)  # type: ignore[misc]
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The model and the optimizer's state in one mode: at w, the state in eval mode
         # (holding w~), so that Trainer's train() on resuming restores the ascent point.
-        with _at_weights(self.optimizer):
+        with at_weights(self.optimizer):
             super()._save_checkpoint(model, trial)  # type: ignore[misc]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
