@@ -508,20 +508,29 @@ def robust_lr(rows_by_workload: list[dict]) -> float | None:
     return min(common, key=lambda lr: (max(ranks[lr]), statistics.fmean(ranks[lr]), lr))
 
 
+def one_gradient(name: str) -> bool:
+    """Whether a configuration takes one gradient a step, so that ``step()`` without a
+    closure runs it in any loop (scheduled exact SAM needs a closure on its SAM steps)."""
+    return S.CANDIDATES[name].sam_every == 0
+
+
 def recommended(result: dict) -> dict | None:
-    """The NeuroOptima configuration fastest to target in gradient evaluations (geometric mean
-    over the workloads), among those with a complete row on every workload that has a target,
-    and its robust LR; None when no configuration has. (A "+ Lookahead" form that a workload
-    does not run, Lookahead paying nothing there, is not a candidate for the defaults.)"""
+    """The NeuroOptima configuration for the defaults: fastest to target in gradient
+    evaluations (geometric mean over the workloads) among those that take one gradient a step
+    (the defaults must run in any loop) and have a complete row on every workload with a
+    target, and its robust LR; also the fastest of all (``best_any``). None when no
+    configuration is complete everywhere. (A "+ Lookahead" form that a workload does not run,
+    Lookahead paying nothing there, is not a candidate.)"""
     times = profile_times(result, "grad_evals_to_target")
     names = [n for n in S.NEURO_CONFIGS if times and all(n in t for t in times.values())]
     usable = times if names else {}
-    if not usable:
+    if not usable or not any(one_gradient(n) for n in names):
         return None
     score = {n: statistics.fmean(
         math.log(t[n] / min(t[m] for m in names)) if math.isfinite(t[n]) else 10.0
         for t in usable.values()) for n in names}
-    best = min(names, key=lambda n: score[n])
+    best_any = min(names, key=lambda n: score[n])
+    best = min((n for n in names if one_gradient(n)), key=lambda n: score[n])
     best_rows = [result["workloads"][w]["rows"][best] for w in usable]
     defaults = S.constructor_defaults()
     settings = {**{k: v for k, v in defaults.items() if k != "lr"}, **S.NEURO_CONFIGS[best]}
@@ -529,9 +538,9 @@ def recommended(result: dict) -> dict | None:
     agrees = (len(usable) == len(result["workloads"]) and lr is not None
               and all(defaults.get(k) == v for k, v in settings.items())
               and S.ladder_index(defaults["lr"]) == S.ladder_index(lr))
-    return dict(names=names, times=usable, best=best, settings=settings, lr=lr,
-                tuned_lrs=[r["lr"] for r in best_rows], defaults=defaults,
-                defaults_agree=agrees)
+    return dict(names=names, times=usable, best=best, best_any=best_any, score=score,
+                settings=settings, lr=lr, tuned_lrs=[r["lr"] for r in best_rows],
+                defaults=defaults, defaults_agree=agrees)
 
 
 def recommendation(result: dict) -> list[str]:
@@ -549,11 +558,17 @@ def recommendation(result: dict) -> list[str]:
     tuned = ", ".join(f"{x:g}" for x in rec["tuned_lrs"])
     lines = ["Median gradient evaluations to target (lower is better) of the NeuroOptima "
              "configurations, and the LR each chose:", "", _table(["workload", *names], body),
-             "", f"Fastest to target in gradient evaluations (geometric mean over "
-             f"{len(rec['times'])} workload(s)): **{rec['best']}** "
-             f"({_describe(rec['settings'])}). Its tuned LR per workload: {tuned}; the LR "
-             f"never far from each workload's best (best worst rank over the LRs every "
-             f"workload tried): **{_fmt(rec['lr'])}**."]
+             ""]
+    if rec["best_any"] != rec["best"]:
+        lines += [f"Fastest to target of all (geometric mean over {len(rec['times'])} "
+                  f"workload(s)): **{rec['best_any']}**; it takes a second gradient on some "
+                  "steps, so `step()` needs a closure there and it cannot be the default of an "
+                  "optimizer that must run in any loop.", ""]
+    lines += [f"Fastest to target in gradient evaluations among the configurations that take "
+              f"one gradient a step (geometric mean over {len(rec['times'])} workload(s)): "
+              f"**{rec['best']}** ({_describe(rec['settings'])}). Its tuned LR per workload: "
+              f"{tuned}; the LR never far from each workload's best (best worst rank over the "
+              f"LRs every workload tried): **{_fmt(rec['lr'])}**."]
     defaults = _describe(rec["defaults"])
     if rec["defaults_agree"]:
         verdict = (f"The constructor defaults ({defaults}) are this recommendation (lr: a "

@@ -444,3 +444,25 @@ def test_lookahead_rows_are_run_only_where_lookahead_pays():
     assert suite_report._not_run(w, rows) == gated
     rows[suite.LOOKAHEAD]["runs"] = [_scored({0: 0.97})[0]] * 2
     assert suite_report._not_run(w, rows) == []
+
+
+def test_defaults_are_chosen_among_one_gradient_configurations():
+    """The fastest configuration may take a second gradient on some steps (scheduled SAM);
+    the defaults are the fastest that takes one a step, so plain step() runs them anywhere."""
+    every = f"NeuroOptima SAM every {suite.SAM_INTERVAL}th"
+    assert suite_report.one_gradient("NeuroOptima momentum ascent")
+    assert not suite_report.one_gradient(every)
+    assert not suite_report.one_gradient("NeuroOptima late SAM")
+    times = {"NeuroOptima default": 300, "NeuroOptima Lookahead": 400,
+             "NeuroOptima momentum ascent": 500, every: 200, "NeuroOptima late SAM": 250}
+
+    def row(t):
+        return dict(complete=True, grad_evals_to_target=t, lr=3.16e-3,
+                    search_scores={1e-3: 0.5, 3.16e-3: 0.9, 1e-2: 0.7})
+    result = dict(workloads={w: dict(target=0.9, rows={n: row(t) for n, t in times.items()})
+                             for w in ("a", "b")})
+    rec = suite_report.recommended(result)
+    assert rec["best_any"] == every and rec["best"] == "NeuroOptima default"
+    assert rec["lr"] == 3.16e-3
+    text = "\n".join(suite_report.recommendation(result))
+    assert f"**{every}**" in text and "needs a closure" in text
