@@ -51,6 +51,18 @@ def _reference(model: nn.Module, samples: list[dict], batch: int, **hyper) -> No
         optimizer.step(closure)
 
 
+def _one_gradient_loop(model: nn.Module, samples: list[dict], hyper: dict) -> NeuroOptima:
+    """backward() and step() (no closure) on batches of 4; returns the optimizer."""
+    optimizer = NeuroOptima(model.parameters(), **hyper)
+    for start in range(0, len(samples), 4):
+        chunk = samples[start:start + 4]
+        optimizer.zero_grad()
+        model(torch.stack([s["x"] for s in chunk]),
+              torch.stack([s["labels"] for s in chunk]))["loss"].backward()
+        optimizer.step()
+    return optimizer
+
+
 def _max_error(a: nn.Module, b: nn.Module) -> float:
     return max(((p - q).abs().max() / q.abs().max()).item()
                for p, q in zip(a.parameters(), b.parameters()))
@@ -123,13 +135,7 @@ def test_plain_trainer_runs_the_one_gradient_form(tmp_path):
 
     InOrder(model=model, args=arguments, train_dataset=samples,
             optimizers=(NeuroOptima(model.parameters(), **hyper), None)).train()
-    optimizer = NeuroOptima(reference.parameters(), **hyper)
-    for start in range(0, 16, 4):
-        chunk = samples[start:start + 4]
-        optimizer.zero_grad()
-        reference(torch.stack([s["x"] for s in chunk]),
-                  torch.stack([s["labels"] for s in chunk]))["loss"].backward()
-        optimizer.step()
+    _one_gradient_loop(reference, samples, hyper)
     assert _max_error(model, reference) < 1e-6
 
 
@@ -152,13 +158,7 @@ def test_sam_trainer_saves_momentum_ascent_at_w_and_resumes_exactly(tmp_path):
                        num_train_epochs=1, save_strategy="steps", save_steps=2)
     trainer.train()
     # The plain loop, and its weights w at the end.
-    plain = NeuroOptima(reference.parameters(), **hyper)
-    for start in range(0, 16, 4):
-        chunk = samples[start:start + 4]
-        plain.zero_grad()
-        reference(torch.stack([s["x"] for s in chunk]),
-                  torch.stack([s["labels"] for s in chunk]))["loss"].backward()
-        plain.step()
+    plain = _one_gradient_loop(reference, samples, hyper)
     assert _max_error(model, reference) < 1e-6  # the model holds w~ while training
     plain.eval()
     at_w = {f"body.{k}": v for k, v in reference.body.state_dict().items()}
