@@ -197,6 +197,9 @@ def readme_block(results: dict[str, object]) -> str:
     if suite:
         import suite_report
         lines += ["", suite_report.status_line(suite)]
+        answers = suite_report.readme_answers(suite)
+        if answers:
+            lines += [""] + answers
         charts = suite_report.readme_charts(suite)
         if charts:
             lines += [""] + charts

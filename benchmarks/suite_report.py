@@ -403,6 +403,33 @@ def comparison_table(result: dict) -> str:
                    "loss, positive = better)", "test metric, equal CPU s"], body)
 
 
+def readme_answers(result: dict) -> list[str]:
+    """The three questions in one row per workload (complete rows only), for the README:
+    test metric differences at equal gradient evaluations, and the best configuration against
+    tuned AdamW in time to target and test metric at equal compute."""
+    asks = {("one gradient", "NeuroOptima momentum ascent"): 1,
+            ("scheduled SAM", f"NeuroOptima SAM every {S.SAM_INTERVAL}th"): 2,
+            ("scheduled SAM", "NeuroOptima late SAM"): 3}
+    rows: dict[str, list[str]] = {}
+    for c in comparisons(result):
+        row = rows.setdefault(c["workload"], [c["workload"], "–", "–", "–", "–"])
+        if c["question"] == "best NeuroOptima vs AdamW":
+            g = "fewer" if c["grads"][0] < c["grads"][1] else "not fewer"
+            row[4] = (f"{short(c['a'])}: {g} grad. evals to target ({_fmt(c['grads'][0])} vs "
+                      f"{_fmt(c['grads'][1])}); test {_pm_diff(c['w'], c['equal_g'])} "
+                      f"({c['says_g']}), at equal CPU s {_pm_diff(c['w'], c['equal_cpu'])} "
+                      f"({c['says_cpu']})")
+        elif (c["question"], c["a"]) in asks and c["b"] == NEURO:
+            row[asks[(c["question"], c["a"])]] = f"{_pm_diff(c['w'], c['equal_g'])} ({c['says_g']})"
+    if not rows:
+        return []
+    return ["The three questions per workload (test metric at equal gradient evaluations, "
+            "difference ± 2 standard errors, positive = better; each against NeuroOptima "
+            "without it, the last against tuned AdamW):", "",
+            _table(["workload", "momentum ascent", f"SAM every {S.SAM_INTERVAL}th",
+                    "late SAM", "best NeuroOptima vs AdamW"], list(rows.values()))]
+
+
 def losses_plainly(result: dict) -> list[str]:
     """Where NeuroOptima's best configuration loses to tuned AdamW, one line each."""
     lines = []

@@ -47,8 +47,9 @@ def test_code_here_is_in_the_readme_quick_start():
 
 def test_readme_is_short_and_starts_with_install_and_quick_start():
     lines = README.read_text(encoding="utf-8").splitlines()
-    # The benchmark block's three charts take about 20 of these lines.
-    assert len(lines) <= 275, f"README.md has {len(lines)} lines"
+    # The benchmark block's three charts take about 20 of these lines, its table of the three
+    # questions one per workload.
+    assert len(lines) <= 280, f"README.md has {len(lines)} lines"
     head = lines[:40]
     assert any("pip install" in line for line in head)
     start = head.index("## Quick start")
