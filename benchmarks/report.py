@@ -8,8 +8,9 @@ the text between ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->`` i
 a short block (at most 60 lines): the verdict on the three announced claims and a link to
 REPORT.md. Every number in both comes from the result files through the
 formatting functions below; nothing is typed by hand. The convergence records are the
-time-to-target suite's (``<results>/suite_cosine/*.jsonl``: ``suite_report`` and
-``state_precision``); ``communication.json`` and ``sharded.json`` get their own sections; any
+time-to-target suite's (``<results>/suite_cosine/*.jsonl``: ``suite_analysis``,
+``suite_verdicts``, ``suite_charts``, ``suite_report`` and ``state_precision``);
+``communication.json`` and ``sharded.json`` get their own sections; any
 other JSON holding a list of flat records (``[...]`` or ``{"meta": ..., "records": [...]}``)
 is shown as a table.
 """
@@ -143,10 +144,10 @@ def load_results(results: Path) -> dict[str, object]:
     folder = results / SUITE_DIR
     if folder.is_dir() and any(folder.glob("*.jsonl")):
         import suite
-        import suite_report
+        import suite_analysis
         meta_path = folder / "suite_meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-        loaded[SUITE_KEY] = suite_report.analyse(suite.load_records(folder), meta)
+        loaded[SUITE_KEY] = suite_analysis.analyse(suite.load_records(folder), meta)
     return loaded
 
 
@@ -176,11 +177,11 @@ README_BLOCK_MAX_LINES = 60
 
 def claims_rows(results: dict[str, object]) -> list[list[str]]:
     """(claim, measured, verdict) for the three announced claims. Filled from the time-to-target
-    suite's records when they exist (see ``suite_report``); until then each claim is open."""
+    suite's records when they exist (see ``suite_verdicts``); until then each claim is open."""
     suite = results.get(SUITE_KEY)
     if suite:
-        import suite_report
-        return suite_report.verdict_rows(suite)
+        import suite_verdicts
+        return suite_verdicts.verdict_rows(suite)
     return [[claim, "not measured yet by the time-to-target suite", "open"]
             for claim in CLAIMS]
 
@@ -195,12 +196,13 @@ def readme_block(results: dict[str, object]) -> str:
     lines = [BEGIN, note, "", table(["claim", "measured", "verdict"], claims_rows(results))]
     suite = results.get(SUITE_KEY)
     if suite:
-        import suite_report
-        lines += ["", suite_report.status_line(suite)]
-        answers = suite_report.readme_answers(suite)
+        import suite_charts
+        import suite_verdicts
+        lines += ["", suite_verdicts.status_line(suite)]
+        answers = suite_verdicts.readme_answers(suite)
         if answers:
             lines += [""] + answers
-        charts = suite_report.readme_charts(suite)
+        charts = suite_charts.readme_charts(suite)
         if charts:
             lines += [""] + charts
     lines.append(END)
@@ -232,8 +234,8 @@ def plots(results: dict[str, object], out_dir: Path) -> list[Path]:
 
     written = []
     if SUITE_KEY in results:
-        import suite_report
-        written += suite_report.plots(results[SUITE_KEY], out_dir)
+        import suite_charts
+        written += suite_charts.plots(results[SUITE_KEY], out_dir)
     comm = results.get("communication.json")
     if comm:
         recs = comm["records"]

@@ -1,6 +1,6 @@
 """The report's optimizer-state precision section: NeuroOptima's defaults with bfloat16 rule state
 against the same defaults in float32, from the time-to-target suite's analysis
-(``suite_report.analyse``). Both rows are ordinary suite candidates (own LR search, same seeds,
+(``suite_analysis.analyse``). Both rows are ordinary suite candidates (own LR search, same seeds,
 same gradient budget), so this module only reads and compares them; the bytes of state are
 measured on the optimizers the suite builds, not typed in.
 """
@@ -10,9 +10,11 @@ from __future__ import annotations
 import torch
 
 import suite as S
+import suite_analysis as A
 import suite_report as R
+import suite_verdicts as V
 
-FULL, REDUCED = R.NEURO, S.STATE_BF16
+FULL, REDUCED = A.NEURO, S.STATE_BF16
 
 
 def rule_state(name: str) -> dict:
@@ -67,17 +69,17 @@ def section(result: dict) -> str:
             "better).")
     body, says = [], []
     for name, w, a, b in found:
-        key = R._final_key(w, "g")
-        d = R.difference(w, b, a, key)
-        says.append(R._says(d))
+        key = A._final_key(w, "g")
+        d = A.difference(w, b, a, key)
+        says.append(A._says(d))
         value = (lambda r: R._pm(r[key])) if w.higher_is_better else \
             (lambda r: R._pm(r[key], 1, 3))
         body.append([name, "accuracy %" if w.higher_is_better else "loss",
                      f"{a['lr']:g} / {b['lr']:g}", f"{value(a)} / {value(b)}",
-                     f"{R._pm_diff(w, d)}: {says[-1]}",
-                     f"{R._fmt(a['grad_evals_to_target'])} / "
-                     f"{R._fmt(b['grad_evals_to_target'])}"])
-    table = R._table(["workload", "test metric", "LR default / bf16",
+                     f"{V._pm_diff(w, d)}: {says[-1]}",
+                     f"{V._fmt(a['grad_evals_to_target'])} / "
+                     f"{V._fmt(b['grad_evals_to_target'])}"])
+    table = V._table(["workload", "test metric", "LR default / bf16",
                       "test metric, equal grad. evals, default / bf16 (mean ± std)",
                       "difference ± 2 SE", "grad. evals to target (median), default / bf16"],
                      body)

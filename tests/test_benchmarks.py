@@ -20,7 +20,9 @@ sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
 import suite  # noqa: E402
-import suite_report  # noqa: E402
+import suite_analysis  # noqa: E402
+import suite_charts  # noqa: E402
+import suite_verdicts  # noqa: E402
 
 
 def _block(text: str) -> str:
@@ -71,7 +73,7 @@ def test_smoke_run_writes_records_report_and_plots(smoke):
         assert cpu == sorted(cpu)
     # Every candidate's chosen LR and rho are interior to the range searched (or the search
     # was capped), and its seeds ran at that setting.
-    result = suite_report.analyse(records, {"profile": "quick", "seeds": 2})
+    result = suite_analysis.analyse(records, {"profile": "quick", "seeds": 2})
     for row in result["workloads"]["digits-mlp"]["rows"].values():
         assert row["complete"]
         assert not row["lr_edge"] or row["lr_capped"]
@@ -155,7 +157,7 @@ def _committed_records(tmp_path) -> list[dict]:
 
 
 def test_verdict_table_recomputed_from_the_records(tmp_path):
-    """Independent of suite_report's arithmetic: target, median epochs to target and mean test
+    """Independent of suite_analysis's arithmetic: target, median epochs to target and mean test
     accuracy of AdamW and NeuroOptima default, recomputed from the raw records, are the numbers
     README's verdict table shows."""
     records = _committed_records(tmp_path)
@@ -192,7 +194,7 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
             return math.inf
         ne = statistics.median(sorted(epochs(r) for r in neuro))
         ae = statistics.median(sorted(epochs(r) for r in adamw))
-        assert f"{name} {suite_report._fmt(ne, 2)} vs {suite_report._fmt(ae, 2)}" in speed_row
+        assert f"{name} {suite_verdicts._fmt(ne, 2)} vs {suite_verdicts._fmt(ae, 2)}" in speed_row
         if w.higher_is_better:
             na = statistics.fmean(r["test_final"]["acc"] for r in neuro)
             aa = statistics.fmean(r["test_final"]["acc"] for r in adamw)
@@ -204,7 +206,7 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
 
 def test_complete_rows_chose_an_interior_lr(tmp_path):
     """The runner widens the LR search until the best is interior before it runs the seeds."""
-    result = suite_report.analyse(_committed_records(tmp_path))
+    result = suite_analysis.analyse(_committed_records(tmp_path))
     for name, wl in result["workloads"].items():
         for cand, row in wl["rows"].items():
             if row["complete"]:
@@ -217,8 +219,8 @@ def test_complete_rows_chose_an_interior_lr(tmp_path):
 def test_constructor_defaults_are_what_the_records_recommend(tmp_path):
     """NeuroOptima's defaults are set from the suite: its fastest configuration (geometric mean
     of gradient evaluations to target) and the LR never far from each workload's best."""
-    result = suite_report.analyse(_committed_records(tmp_path))
-    rec = suite_report.recommended(result)
+    result = suite_analysis.analyse(_committed_records(tmp_path))
+    rec = suite_verdicts.recommended(result)
     if rec is None or len(rec["times"]) < len(result["workloads"]):
         pytest.skip("the NeuroOptima configurations are not complete on every workload yet")
     assert rec["best"] == "NeuroOptima default", rec["best"]
@@ -228,14 +230,14 @@ def test_constructor_defaults_are_what_the_records_recommend(tmp_path):
 def test_robust_lr_takes_the_best_worst_rank():
     rows = [dict(search_scores={1e-3: 0.9, 3.16e-3: 0.8, 1e-2: 0.1}),   # ranks 1, 2, 3
             dict(search_scores={1e-3: 0.2, 3.16e-3: 0.7, 1e-2: 0.9})]   # ranks 3, 2, 1
-    assert suite_report.robust_lr(rows) == 3.16e-3
+    assert suite_verdicts.robust_lr(rows) == 3.16e-3
     rows.append(dict(search_scores={1e-3: 0.5, 1e-2: 0.6}))             # 3.16e-3 untried
     # Worst ranks tie (3 and 3); mean ranks 2 for 1e-3, 5/3 for 1e-2.
-    assert suite_report.robust_lr(rows) == 1e-2
+    assert suite_verdicts.robust_lr(rows) == 1e-2
 
 
 def test_adamw_reaches_its_target(tmp_path):
-    result = suite_report.analyse(_committed_records(tmp_path))
+    result = suite_analysis.analyse(_committed_records(tmp_path))
     for name, wl in result["workloads"].items():
         row = wl["rows"].get("AdamW")
         if row and row["complete"]:
@@ -245,8 +247,8 @@ def test_adamw_reaches_its_target(tmp_path):
 def test_generalization_bound_workload_has_a_gap(tmp_path):
     """What makes fashion-2k generalization-bound: tuned AdamW's training accuracy exceeds its
     test accuracy by at least 8 points (mean over seeds), recomputed from the raw records."""
-    result = suite_report.analyse(_committed_records(tmp_path))
-    row = result["workloads"][suite_report.GENERALIZATION_BOUND]["rows"].get("AdamW")
+    result = suite_analysis.analyse(_committed_records(tmp_path))
+    row = result["workloads"][suite_charts.GENERALIZATION_BOUND]["rows"].get("AdamW")
     if not row or not row["complete"]:
         pytest.skip("tuned AdamW not complete on the generalization-bound workload yet")
     gaps = [r["train_final"]["acc"] - r["test_final"]["acc"] for r in row["runs"]]
@@ -388,11 +390,11 @@ def test_train_step_counts_gradient_evaluations():
 def test_equal_cpu_reading_interpolates_between_test_points():
     rec = dict(diverged=False, tests=[[50, 50, 10.0, 0.80, 0.6], [75, 75, 15.0, 0.85, 0.5],
                                       [100, 100, 20.0, 0.90, 0.4]])
-    assert suite_report.test_at_cpu(rec, 25.0) == dict(acc=0.90, loss=0.4)   # finished sooner
-    got = suite_report.test_at_cpu(rec, 12.5)
+    assert suite_analysis.test_at_cpu(rec, 25.0) == dict(acc=0.90, loss=0.4)   # finished sooner
+    got = suite_analysis.test_at_cpu(rec, 12.5)
     assert got["acc"] == pytest.approx(0.825) and got["loss"] == pytest.approx(0.55)
-    assert suite_report.test_at_cpu(rec, 5.0) is None                       # no point yet
-    assert suite_report.test_at_cpu(dict(rec, diverged=True), 25.0) is None
+    assert suite_analysis.test_at_cpu(rec, 5.0) is None                       # no point yet
+    assert suite_analysis.test_at_cpu(dict(rec, diverged=True), 25.0) is None
 
 
 def _scored(values: dict[float, float]) -> dict[float, dict]:
@@ -441,18 +443,18 @@ def test_lookahead_rows_are_run_only_where_lookahead_pays():
     # The report names the rows the runner leaves out, and does not count them as planned.
     rows = {suite.LOOKAHEAD: dict(complete=True, runs=worse),
             suite.DEFAULT: dict(complete=True, runs=better)}
-    assert suite_report._not_run(w, rows) == gated
+    assert suite_analysis._not_run(w, rows) == gated
     rows[suite.LOOKAHEAD]["runs"] = [_scored({0: 0.97})[0]] * 2
-    assert suite_report._not_run(w, rows) == []
+    assert suite_analysis._not_run(w, rows) == []
 
 
 def test_defaults_are_chosen_among_one_gradient_configurations():
     """The fastest configuration may take a second gradient on some steps (scheduled SAM);
     the defaults are the fastest that takes one a step, so plain step() runs them anywhere."""
     every = f"NeuroOptima SAM every {suite.SAM_INTERVAL}th"
-    assert suite_report.one_gradient("NeuroOptima momentum ascent")
-    assert not suite_report.one_gradient(every)
-    assert not suite_report.one_gradient("NeuroOptima late SAM")
+    assert suite_verdicts.one_gradient("NeuroOptima momentum ascent")
+    assert not suite_verdicts.one_gradient(every)
+    assert not suite_verdicts.one_gradient("NeuroOptima late SAM")
     times = {"NeuroOptima default": 300, "NeuroOptima Lookahead": 400,
              "NeuroOptima momentum ascent": 500, every: 200, "NeuroOptima late SAM": 250}
 
@@ -461,8 +463,8 @@ def test_defaults_are_chosen_among_one_gradient_configurations():
                     search_scores={1e-3: 0.5, 3.16e-3: 0.9, 1e-2: 0.7})
     result = dict(workloads={w: dict(target=0.9, rows={n: row(t) for n, t in times.items()})
                              for w in ("a", "b")})
-    rec = suite_report.recommended(result)
+    rec = suite_verdicts.recommended(result)
     assert rec["best_any"] == every and rec["best"] == "NeuroOptima default"
     assert rec["lr"] == 3.16e-3
-    text = "\n".join(suite_report.recommendation(result))
+    text = "\n".join(suite_verdicts.recommendation(result))
     assert f"**{every}**" in text and "needs a closure" in text

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import state_precision  # noqa: E402
 import suite  # noqa: E402
-import suite_report  # noqa: E402
+import suite_analysis  # noqa: E402
 
 W = "digits-mlp"  # the quick profile's workload: the bf16 candidate runs on it
 BUDGET = 100
@@ -51,7 +51,7 @@ def _result(with_bf16: bool = True) -> dict:
     if with_bf16:
         records += _rows(state_precision.REDUCED, 1e-2, [0.6, 0.7, 0.82, 0.9],
                          [0.89, 0.90, 0.92])
-    return suite_report.analyse(records, {"profile": "quick", "seeds": SEEDS})
+    return suite_analysis.analyse(records, {"profile": "quick", "seeds": SEEDS})
 
 
 def test_section_states_the_difference_the_records_hold():
