@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 from pathlib import Path

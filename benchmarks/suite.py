@@ -39,7 +39,8 @@ Every run is one JSON line in ``<out>/<workload>.jsonl`` (default
 ``benchmarks/results/suite_cosine``), keyed by (workload, candidate, lr, rho, seed); a run
 whose record exists is never repeated, so the suite is built in several sittings and any part
 can be re-run by deleting its lines. Targets, times to target, verdicts and plots are computed
-from the records by ``suite_report.py`` (and ``report.py``), never stored. A candidate whose
+from the records (``suite_analysis.py``, ``suite_verdicts.py``, ``suite_charts.py``; written
+out by ``report.py``), never stored. A candidate whose
 NeuroOptima arguments the installed NeuroOptima does not accept is skipped with a line saying
 which.
 
