@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import torch
 
-import suite as S
 import suite_analysis as A
 import suite_report as R
 import suite_verdicts as V
+from suite_candidates import CANDIDATES, STATE_BF16
+from suite_workloads import Workload
 
-FULL, REDUCED = A.NEURO, S.STATE_BF16
+FULL, REDUCED = A.NEURO, STATE_BF16
 
 
 def rule_state(name: str) -> dict:
     """The update rule's buffers in candidate ``name``'s optimizer after one step on a float32
     layer: rule, buffer names, their dtype and the bytes they take per parameter element."""
-    cand = S.CANDIDATES[name]
+    cand = CANDIDATES[name]
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 3)
     opt = cand.build(layer.parameters(), 1e-3, None, cand.plan(1))
@@ -35,7 +36,7 @@ def rule_state(name: str) -> dict:
                 / layer.weight.numel())
 
 
-def pairs(result: dict) -> list[tuple[str, S.Workload, dict, dict]]:
+def pairs(result: dict) -> list[tuple[str, Workload, dict, dict]]:
     """(workload, spec, default row, bf16-state row) where both rows are complete."""
     out = []
     for name, wl in result["workloads"].items():
@@ -53,7 +54,7 @@ def section(result: dict) -> str:
     found = pairs(result)
     if not found:
         return "\n".join(head + [f"No workload has complete `{FULL}` and `{REDUCED}` rows yet "
-                                 f"(it runs on {', '.join(S.CANDIDATES[REDUCED].only_on)}).",
+                                 f"(it runs on {', '.join(CANDIDATES[REDUCED].only_on)}).",
                                  ""])
     full, reduced = rule_state(FULL), rule_state(REDUCED)
     n = len(reduced["buffers"])

@@ -44,6 +44,11 @@ out by ``report.py``), never stored. A candidate whose
 NeuroOptima arguments the installed NeuroOptima does not accept is skipped with a line saying
 which.
 
+The parts it runs have their own modules: the workloads and their data in
+``suite_workloads.py``, the candidates and their step plans in ``suite_candidates.py``, the
+tuning rules (ladders, ``score``, ``choose``, ``widen``, ``lookahead_pays``) in
+``suite_protocol.py``; this file runs them and stores the records.
+
 CPU seconds are the process's CPU time spent in training steps (``time.process_time``, one
 thread), which a loaded shared machine disturbs far less than wall time.
 """
@@ -51,7 +56,6 @@ thread), which a loaded shared machine disturbs far less than wall time.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -61,9 +65,9 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -73,312 +77,19 @@ for _path in (ROOT, ROOT / "benchmarks"):  # run as a script: launch/ and siblin
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from launch.data import epoch_permutation, load_dataset, steps_per_epoch  # noqa: E402
+from launch.data import epoch_permutation  # noqa: E402
 from launch.models import build_model  # noqa: E402
-from neurooptima import NeuroOptima  # noqa: E402
-from msam_adamw import MSAMAdamW  # noqa: E402
-from training_step import augment, loss_fn, train_step, warmup_cosine, warmup_steps  # noqa: E402
+from suite_candidates import CANDIDATES, DEFAULT, LOOKAHEAD, PRIORITY, Candidate  # noqa: E402
+from suite_protocol import (LADDER, MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER,  # noqa: E402
+                            SELECTION_SEED, choose, lookahead_pays, widen)
+from suite_workloads import (Workload, load_workload_data, workload_sizes,  # noqa: E402
+                             workloads_for)
+from training_step import augment, loss_fn, train_step, warmup_cosine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "suite_cosine"
-SELECTION_SEED = 1000          # learning-rate and rho search; never an evaluation seed
-MAX_LR_TRIALS = 7
-MAX_RHO_TRIALS = 9
-WEIGHT_DECAY = 0.01            # decoupled decay of every adaptive baseline
-SGD_WEIGHT_DECAY = 5e-4        # SGD's usual (coupled) decay
-WARMUP_FRACTION = 0.05
-LOOKAHEAD_K = 5
-SAM_INTERVAL = 4               # "SAM every k-th step"
-LATE_SAM_FROM = 0.5            # late-phase SAM: from this fraction of the steps on
 EVAL_BATCH = 2000
 TRAIN_EVAL = 5000              # training examples the final training metric is measured on
-NOISE_SEED = 12345             # which training labels a noisy workload flips (fixed)
 AUGMENT_SEED = 4242            # augmentation draws: a function of the run's seed only
-# Half-decade learning-rate ladder: 1e-5, 3.16e-5, ..., 1, 3.16.
-LADDER = tuple(float(f"{10 ** (k / 2):.3g}") for k in range(-10, 2))
-# 1-2-5 rho ladder: SAM's usual radii (0.05) and momentum ascent's (1-3) on one scale, down to
-# radii small enough that a search which keeps shrinking rho ends inside it.
-RHO_LADDER = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-
-
-# ------------------------------------------------------------------ workloads
-
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    dataset: str
-    model: str
-    batch_size: int
-    epochs: int                    # budget = epochs x steps per epoch gradient evaluations
-    evals: int                     # validation points, evenly spaced over the budget
-    n_train: int | None            # None: all training examples but the validation tail
-    n_val: int
-    n_test: int | None = None
-    metric: str = "accuracy"       # validation metric of the target: "accuracy" or "loss"
-    label_noise: float = 0.0       # fraction of training labels flipped to another class
-    augment: dict = field(default_factory=dict)   # image augmentation: pad, flip
-    test_at: tuple[float, ...] = (0.5, 0.75, 0.9)  # test points besides the end (budget share)
-    model_options: dict = field(default_factory=dict)
-    data_options: dict = field(default_factory=dict)
-    about: str = ""
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric == "accuracy"
-
-
-def _workloads(quick: bool) -> dict[str, Workload]:
-    if quick:  # CI: the same code path on tiny budgets, embedded data only
-        return {"digits-mlp": Workload(
-            "digits-mlp", "digits", "mlp", batch_size=64, epochs=2, evals=4,
-            n_train=None, n_val=287, model_options=dict(hidden=(32,)),
-            about="CI profile: tiny MLP, two epochs")}
-    return {w.name: w for w in (
-        Workload("digits-mlp", "digits", "mlp", batch_size=32, epochs=30, evals=30,
-                 n_train=None, n_val=287, model_options=dict(hidden=(128, 64)),
-                 about="MLP (128, 64) on scikit-learn's 8x8 digits"),
-        Workload("fashion-2k", "fashion-mnist", "cnn", batch_size=64, epochs=40, evals=10,
-                 n_train=2000, n_val=1000, n_test=5000, augment=dict(pad=1, flip=True),
-                 model_options=dict(width=24, spatial=7),
-                 about="generalization-bound: a wide CNN (width 24, 240k parameters) on 2,000 "
-                       "Fashion-MNIST images, random 1-pixel crops and horizontal flips, 40 "
-                       "epochs (training accuracy near 100 %, test accuracy well below)"),
-        Workload("fashion-noisy", "fashion-mnist", "cnn", batch_size=128, epochs=5, evals=10,
-                 n_train=20000, n_val=2000, n_test=5000, label_noise=0.3,
-                 model_options=dict(width=16, spatial=7),
-                 about="small CNN (two conv stages, width 16) on 20k Fashion-MNIST images, 30 % "
-                       "of the training labels flipped to another class (validation and test "
-                       "labels clean)"),
-        Workload("shakespeare-char", "shakespeare", "transformer", batch_size=32, epochs=1,
-                 evals=16, n_train=51200, n_val=400, n_test=2000, metric="loss",
-                 model_options=dict(d_model=32, n_heads=2, n_layers=2),
-                 data_options=dict(seq_len=64),
-                 about="2-layer causal transformer (d_model 32) on 64-character windows of "
-                       "Shakespeare, next-character cross-entropy"),
-    )}
-
-
-def load_workload_data(w: Workload) -> dict:
-    """Train / validation / test tensors (no randomness except the fixed label flips)."""
-    train, test = load_dataset(w.dataset, **w.data_options)
-    n_all = len(train)
-    n_train = w.n_train if w.n_train is not None else n_all - w.n_val
-    if n_train + w.n_val > n_all:
-        raise ValueError(f"{w.name}: n_train + n_val exceeds the {n_all} training examples")
-    x, y = train.inputs[:n_train].clone(), train.targets[:n_train].clone()
-    clean = y.clone()
-    if w.label_noise:
-        g = torch.Generator().manual_seed(NOISE_SEED)
-        flip = torch.rand(n_train, generator=g) < w.label_noise
-        shift = torch.randint(1, train.info.num_classes, (n_train,), generator=g)
-        y = torch.where(flip, (y + shift) % train.info.num_classes, y)
-    n_test = w.n_test if w.n_test is not None else len(test)
-    return dict(info=train.info, train=(x, y), train_clean=(x, clean),
-                fill=float(train.inputs.min()) if w.augment else 0.0,
-                val=(train.inputs[n_all - w.n_val:].clone(), train.targets[n_all - w.n_val:].clone()),
-                test=(test.inputs[:n_test].clone(), test.targets[:n_test].clone()))
-
-
-def workload_sizes(w: Workload, data: dict) -> dict:
-    n = int(data["train"][0].shape[0])
-    per_epoch = steps_per_epoch(n, w.batch_size)
-    sizes = dict(train=n, val=int(data["val"][0].shape[0]), test=int(data["test"][0].shape[0]),
-                 steps_per_epoch=per_epoch, budget=per_epoch * w.epochs)
-    if data["info"].kind == "text":
-        sizes["chars_per_example"] = int(data["train"][0].shape[1])
-    return sizes
-
-
-# ------------------------------------------------------------------ candidates
-
-@dataclass(frozen=True)
-class RunPlan:
-    """A candidate's steps on a budget of gradient evaluations."""
-    steps: int
-    warmup: int
-    sam_start: int | None          # first step (1-based) that may take SAM's second gradient
-    grad_evals: int                # what the steps cost, <= the budget
-
-
-@dataclass(frozen=True)
-class Candidate:
-    name: str
-    build: Callable[[Iterable[torch.Tensor], float, float | None, RunPlan],
-                    torch.optim.Optimizer]
-    lr_start: float                # centre of the first three ladder points
-    two_pass: bool = False         # driven by first_step() / second_step() (pytorch SAM)
-    sam_every: int = 0             # a second gradient on every k-th step (0: never)
-    sam_from: float = 0.0          # ... from this fraction of the candidate's steps on
-    rho_start: float | None = None  # None: no rho; else the centre of its rho search
-    moves_weights: bool = False    # holds an ascent point: evaluated between eval() and train()
-    needs: tuple[str, ...] = ()    # NeuroOptima arguments it passes
-    settings: dict = field(default_factory=dict)
-    only_on: tuple[str, ...] = ()  # the workloads it runs on (empty: all)
-    with_lookahead: bool = False   # a sharpness-aware form + Lookahead: runs where Lookahead pays
-
-    @property
-    def tune_rho(self) -> bool:
-        return self.rho_start is not None
-
-    def missing(self) -> list[str]:
-        """The arguments (or methods) this candidate needs that the installed NeuroOptima
-        lacks; empty when it can run."""
-        params = inspect.signature(NeuroOptima.__init__).parameters
-        out = [a for a in self.needs if a not in params]
-        if self.needs and self.moves_weights:
-            out += [f"{m}()" for m in ("eval", "train") if not callable(getattr(NeuroOptima, m,
-                                                                               None))]
-        return out
-
-    def plan(self, budget: int) -> RunPlan:
-        return run_plan(budget, self.sam_every, self.sam_from)
-
-
-def _cost(steps: int, every: int, start: int) -> int:
-    """Gradient evaluations of ``steps`` steps with a second one on every ``every``-th step
-    counted from 1 that is >= ``start``."""
-    if not every:
-        return steps
-    return steps + steps // every - (start - 1) // every
-
-
-def run_plan(budget: int, sam_every: int = 0, sam_from: float = 0.0) -> RunPlan:
-    """The most steps whose gradient evaluations fit ``budget``, with their schedule."""
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1 gradient evaluation, got {budget}")
-    steps = budget
-    while True:
-        start = math.floor(sam_from * steps) + 1
-        cost = _cost(steps, sam_every, start)
-        if cost <= budget or steps == 1:
-            break
-        steps -= 1
-    return RunPlan(steps, warmup_steps(steps, WARMUP_FRACTION),
-                   start if sam_every else None, cost)
-
-
-def _pt(name: str):
-    import pytorch_optimizer
-    return getattr(pytorch_optimizer, name)
-
-
-def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool = False,
-           sam_every: int = 0, sam_from: float = 0.0, **extra) -> Candidate:
-    """A NeuroOptima configuration: ``fixed`` settings on top of the constructor defaults;
-    with ``rho_start`` its sam_rho is tuned, with ``ascent`` it is momentum ascent (warm-up of
-    the ascent = the warm-up of the learning rate), with ``sam_from`` it starts SAM late."""
-    needs = tuple(k for k in fixed if k not in ("lookahead_k",))
-    if ascent:
-        needs += ("sam_ascent", "sam_warmup")
-    if sam_from:
-        needs += ("sam_start",)
-
-    def build(params, lr, rho, plan: RunPlan):
-        kw = dict(fixed)
-        if rho is not None:
-            kw["sam_rho"] = rho
-        if ascent:
-            kw.update(sam_ascent="momentum", sam_warmup=plan.warmup)
-        if sam_from:
-            kw["sam_start"] = plan.sam_start
-        return NeuroOptima(params, lr=lr, **kw)
-
-    settings = dict(fixed)
-    if rho_start is not None:
-        settings["sam_rho"] = "tuned"
-    if ascent:
-        settings.update(sam_ascent="momentum", sam_warmup="the LR warm-up steps")
-    if sam_from:
-        settings["sam_start"] = f"step {sam_from:g} x its steps + 1"
-    settings = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
-                for k, v in settings.items()}
-    return Candidate(name, build, 3.16e-3, sam_every=sam_every, sam_from=sam_from,
-                     rho_start=rho_start, moves_weights=ascent, needs=needs,
-                     settings=settings or dict(note="constructor defaults, LR tuned"), **extra)
-
-
-def _neuro_candidates() -> list[Candidate]:
-    la = dict(lookahead_k=LOOKAHEAD_K)
-    every = dict(sam_interval=SAM_INTERVAL)
-    out = [_neuro("NeuroOptima default", {}), _neuro("NeuroOptima Lookahead", la)]
-    for suffix, extra in (("", {}), (" + Lookahead", la)):
-        gate = dict(with_lookahead=bool(extra))
-        out += [_neuro("NeuroOptima momentum ascent" + suffix, dict(extra), 1.0, ascent=True,
-                       **gate),
-                _neuro(f"NeuroOptima SAM every {SAM_INTERVAL}th" + suffix, {**every, **extra},
-                       0.05, sam_every=SAM_INTERVAL, **gate),
-                _neuro("NeuroOptima late SAM" + suffix, dict(extra), 0.05, sam_every=1,
-                       sam_from=LATE_SAM_FROM, **gate)]
-    first = out[:2] + [c for c in out[2:] if "Lookahead" not in c.name]
-    return first + [c for c in out[2:] if "Lookahead" in c.name]
-
-
-# The NeuroOptima configurations compared and the settings each fixes (a tuned rho aside).
-def neuro_configs() -> dict[str, dict]:
-    return {c.name: {k: v for k, v in c.settings.items() if k != "note"}
-            for c in _neuro_candidates()}
-
-
-NEURO_CONFIGS = neuro_configs()
-
-
-def constructor_defaults() -> dict[str, object]:
-    """NeuroOptima's defaults for lr and the settings its configurations vary (lr=None, the
-    rule's own learning rate, read as that rate)."""
-    params = inspect.signature(NeuroOptima.__init__).parameters
-    keys = {"lr", "sam_rho", "lookahead_k", "weight_decay"}
-    keys |= {k for s in NEURO_CONFIGS.values() for k in s}
-    out = {k: params[k].default for k in sorted(keys) if k in params}
-    if out.get("lr") is None:
-        from neurooptima.validation import DEFAULT_LR
-        out["lr"] = DEFAULT_LR[params["update"].default]
-    return out
-
-
-def _candidates() -> dict[str, Candidate]:
-    wd = dict(weight_decay=WEIGHT_DECAY)
-    neuro = _neuro_candidates()
-    cands = [
-        Candidate("AdamW", lambda p, lr, rho, plan: torch.optim.AdamW(p, lr=lr, **wd),
-                  1e-3, settings=dict(wd, source="torch")),
-        neuro[0],
-        Candidate("SGD Nesterov", lambda p, lr, rho, plan: torch.optim.SGD(
-            p, lr=lr, momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY), 0.1,
-            settings=dict(momentum=0.9, nesterov=True, weight_decay=SGD_WEIGHT_DECAY,
-                          source="torch")),
-        Candidate("Adan", lambda p, lr, rho, plan: _pt("Adan")(p, lr=lr, **wd), 3.16e-3,
-                  settings=dict(wd, source="pytorch_optimizer")),
-        Candidate("Lion", lambda p, lr, rho, plan: _pt("Lion")(p, lr=lr, **wd), 3.16e-4,
-                  settings=dict(wd, source="pytorch_optimizer")),
-        Candidate("SAM(AdamW)", lambda p, lr, rho, plan: _pt("SAM")(
-            p, torch.optim.AdamW, rho=rho, lr=lr, **wd), 1e-3, two_pass=True, sam_every=1,
-            rho_start=0.05, settings=dict(wd, rho="tuned", source="pytorch_optimizer")),
-        Candidate("MSAM(AdamW)", lambda p, lr, rho, plan: MSAMAdamW(p, lr=lr, rho=rho, **wd),
-                  1e-3, rho_start=1.0, moves_weights=True,
-                  settings=dict(wd, rho="tuned", source="benchmarks/msam_adamw.py")),
-        *neuro[1:],
-        # The defaults with bfloat16 rule state: the state-precision comparison, on the MLP and
-        # the transformer (the workloads where a run is cheapest and where precision bites).
-        _neuro(STATE_BF16, dict(state_dtype=torch.bfloat16),
-               only_on=("digits-mlp", "shakespeare-char")),
-    ]
-    return {c.name: c for c in cands}
-
-
-STATE_BF16 = "NeuroOptima bf16 state"
-LOOKAHEAD, DEFAULT = "NeuroOptima Lookahead", "NeuroOptima default"
-
-
-def lookahead_pays(w: Workload, with_lookahead: list[dict], without: list[dict]) -> bool:
-    """Whether Lookahead is a contender on a workload: NeuroOptima with it ends at a better
-    mean final validation metric over the seeds than NeuroOptima without it. Only there do
-    the sharpness-aware forms get a "+ Lookahead" row."""
-    return (statistics.fmean(score(w, r) for r in with_lookahead)
-            > statistics.fmean(score(w, r) for r in without))
-
-
-CANDIDATES = _candidates()
-# Order of the work: the baselines and NeuroOptima's defaults first.
-PRIORITY = tuple(CANDIDATES)
 
 
 # ------------------------------------------------------------------ one run
@@ -533,57 +244,7 @@ def load_records(folder: Path = RESULTS) -> list[dict]:
     return list(Store(folder).records.values())
 
 
-# ------------------------------------------------------------------ protocol
-
-def score(w: Workload, rec: dict) -> float:
-    """Final validation metric, higher better (loss negated); diverged: -inf."""
-    value = rec["curve"][-1][-1] if rec["curve"] else None
-    if rec["diverged"] or value is None:
-        return -math.inf
-    return value if w.higher_is_better else -value
-
-
-def ladder_index(value: float, ladder: tuple[float, ...] = LADDER) -> int:
-    return min(range(len(ladder)), key=lambda i: abs(math.log(ladder[i] / value)))
-
-
-def choose(w: Workload, search: dict[float, dict]) -> tuple[float, bool]:
-    """(best value among the tried ones, whether it sits at an edge of the tried range); ties
-    go to the smallest value inside the tried range, else to the smaller edge (a flat
-    stretch that reaches inside the range needs no wider search)."""
-    top = max(score(w, r) for r in search.values())
-    tied = sorted(v for v, r in search.items() if score(w, r) == top)
-    edges = (min(search), max(search))
-    best = next((v for v in tied if v not in edges), tied[0])
-    return best, best in edges
-
-
-choose_lr = choose
-
-
-def widen(w: Workload, ladder: tuple[float, ...], start: float, max_trials: int,
-          run: Callable[[float], dict], known: dict[float, dict] | None = None
-          ) -> dict[float, dict]:
-    """Three ladder points around ``start``, then one more beyond whichever edge holds the
-    best, until the best is interior, the ladder ends or ``max_trials`` points have run.
-    ``known``: points already recorded, which every choice takes into account (so a resumed
-    search chooses from what the report sees)."""
-    centre = ladder_index(start, ladder)
-    todo = [centre - 1, centre, centre + 1]
-    search: dict[float, dict] = dict(known or {})
-    while todo:
-        for i in todo:
-            if 0 <= i < len(ladder) and ladder[i] not in search:
-                search[ladder[i]] = run(ladder[i])
-        best, edge = choose(w, search)
-        i = ladder_index(best, ladder)
-        todo = []
-        if edge and len(search) < max_trials:
-            nxt = i - 1 if best == min(search) else i + 1
-            if 0 <= nxt < len(ladder) and ladder[nxt] not in search:
-                todo = [nxt]
-    return search
-
+# ------------------------------------------------------------------ runner
 
 class OutOfTime(Exception):
     pass
@@ -705,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     quick = args.profile == "quick"
-    workloads = _workloads(quick)
+    workloads = workloads_for(quick)
     seeds = args.seeds or (2 if quick else 5)
     out = args.out
     if out is None:

@@ -30,7 +30,10 @@ from __future__ import annotations
 import math
 import statistics
 
-import suite as S
+from suite_candidates import CANDIDATES, DEFAULT, LOOKAHEAD, Candidate
+from suite_protocol import (LADDER, MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER, choose,
+                            lookahead_pays, score)
+from suite_workloads import Workload, workloads_for
 
 NEURO = "NeuroOptima default"
 BASE = "AdamW"
@@ -40,16 +43,16 @@ TARGET_FRACTION = 0.85
 STEP, GRADS, CPU, VALUE = 0, 1, 2, 3
 
 
-def workloads(meta: dict | None = None) -> dict[str, S.Workload]:
+def workloads(meta: dict | None = None) -> dict[str, Workload]:
     """The workload specs: from a record folder's meta (quick profile) or the full suite."""
     if meta and meta.get("profile") == "quick":
-        return S._workloads(True)
-    return S._workloads(False)
+        return workloads_for(True)
+    return workloads_for(False)
 
 
 # ------------------------------------------------------------------ rows
 
-def target_of(w: S.Workload, adamw_seeds: list[dict]) -> float | None:
+def target_of(w: Workload, adamw_seeds: list[dict]) -> float | None:
     if not adamw_seeds:
         return None
     values = []
@@ -65,7 +68,7 @@ def target_of(w: S.Workload, adamw_seeds: list[dict]) -> float | None:
     return math.floor(m * 1000) / 1000 if w.higher_is_better else math.ceil(m * 200) / 200
 
 
-def reach(w: S.Workload, rec: dict, target: float) -> dict | None:
+def reach(w: Workload, rec: dict, target: float) -> dict | None:
     for step, grads, cpu, value in rec["curve"]:
         if value is None:
             return None
@@ -104,25 +107,25 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def chosen_setting(w: S.Workload, cand: S.Candidate, search: list[dict]) -> dict | None:
+def chosen_setting(w: Workload, cand: Candidate, search: list[dict]) -> dict | None:
     """The (lr, rho) the runner's tuning chose from these search records, with the values
     tried and whether the choice sits at an edge of what was tried; None without records."""
     lr_runs = {r["lr"]: r for r in search if r["rho"] == cand.rho_start}
     if not lr_runs:
         return None
-    lr, lr_edge = S.choose(w, lr_runs)
+    lr, lr_edge = choose(w, lr_runs)
     out = dict(lr=lr, lr_tried=sorted(lr_runs),
-               lr_edge=lr_edge or lr in (S.LADDER[0], S.LADDER[-1]),
-               lr_capped=len(lr_runs) >= S.MAX_LR_TRIALS,
-               search_scores={x: S.score(w, r) for x, r in lr_runs.items()},
+               lr_edge=lr_edge or lr in (LADDER[0], LADDER[-1]),
+               lr_capped=len(lr_runs) >= MAX_LR_TRIALS,
+               search_scores={x: score(w, r) for x, r in lr_runs.items()},
                rho=None, rho_tried=[], rho_edge=False, rho_capped=False, rho_scores={})
     if cand.tune_rho:
         rho_runs = {r["rho"]: r for r in search if r["lr"] == lr}
-        rho, rho_edge = S.choose(w, rho_runs)
+        rho, rho_edge = choose(w, rho_runs)
         out.update(rho=rho, rho_tried=sorted(rho_runs),
-                   rho_edge=rho_edge or rho in (S.RHO_LADDER[0], S.RHO_LADDER[-1]),
-                   rho_capped=len(rho_runs) >= S.MAX_RHO_TRIALS,
-                   rho_scores={x: S.score(w, r) for x, r in rho_runs.items()})
+                   rho_edge=rho_edge or rho in (RHO_LADDER[0], RHO_LADDER[-1]),
+                   rho_capped=len(rho_runs) >= MAX_RHO_TRIALS,
+                   rho_scores={x: score(w, r) for x, r in rho_runs.items()})
     return out
 
 
@@ -136,7 +139,7 @@ def analyse(records: list[dict], meta: dict | None = None, seeds: int | None = N
     out: dict[str, dict] = {}
     for wname, w in specs.items():
         rows: dict[str, dict] = {}
-        for cname, cand in S.CANDIDATES.items():
+        for cname, cand in CANDIDATES.items():
             recs = by.get((wname, cname), [])
             chosen = chosen_setting(w, cand, [r for r in recs if r["phase"] == "search"])
             if chosen is None:
@@ -153,7 +156,7 @@ def analyse(records: list[dict], meta: dict | None = None, seeds: int | None = N
         for row in rows.values():
             _measure(w, row, target, ref_cpu)
         out[wname] = dict(workload=w, target=target, ref_cpu=ref_cpu, rows=rows,
-                          planned=[c for c, cand in S.CANDIDATES.items()
+                          planned=[c for c, cand in CANDIDATES.items()
                                    if not cand.only_on or wname in cand.only_on],
                           not_run=_not_run(w, rows))
         out[wname]["planned"] = [c for c in out[wname]["planned"]
@@ -161,17 +164,17 @@ def analyse(records: list[dict], meta: dict | None = None, seeds: int | None = N
     return dict(workloads=out, seeds=seeds, n_records=len(records))
 
 
-def _not_run(w: S.Workload, rows: dict[str, dict]) -> list[str]:
+def _not_run(w: Workload, rows: dict[str, dict]) -> list[str]:
     """The "+ Lookahead" sharpness-aware rows the suite does not run on this workload
     because Lookahead does not pay there (as ``suite.Suite.due`` decides)."""
-    la, plain = rows.get(S.LOOKAHEAD), rows.get(S.DEFAULT)
+    la, plain = rows.get(LOOKAHEAD), rows.get(DEFAULT)
     if not (la and plain and la["complete"] and plain["complete"]) or \
-            S.lookahead_pays(w, la["runs"], plain["runs"]):
+            lookahead_pays(w, la["runs"], plain["runs"]):
         return []
-    return [c for c, cand in S.CANDIDATES.items() if cand.with_lookahead and c not in rows]
+    return [c for c, cand in CANDIDATES.items() if cand.with_lookahead and c not in rows]
 
 
-def _measure(w: S.Workload, row: dict, target: float | None, ref_cpu: float | None) -> None:
+def _measure(w: Workload, row: dict, target: float | None, ref_cpu: float | None) -> None:
     runs = row["runs"]
     hits = [reach(w, r, target) if target is not None else None for r in runs]
     row["reached"] = sum(h is not None for h in hits)
@@ -196,13 +199,13 @@ def _measure(w: S.Workload, row: dict, target: float | None, ref_cpu: float | No
     row["cpu_s_run"] = _mean_std([r["cpu_s"] for r in runs])
 
 
-def _final_key(w: S.Workload, equal: str) -> str:
+def _final_key(w: Workload, equal: str) -> str:
     """Row key of the final test metric at equal gradient evaluations ("g") or CPU ("cpu")."""
     base = "acc" if w.higher_is_better else "loss"
     return base if equal == "g" else f"{base}_equal_cpu"
 
 
-def difference(w: S.Workload, a: dict, b: dict, key: str) -> tuple[float, float] | None:
+def difference(w: Workload, a: dict, b: dict, key: str) -> tuple[float, float] | None:
     """(a - b, two standard errors of the difference) of a per-seed metric's means, in the
     direction where positive is better (loss negated); None when either is missing."""
     (am, as_), (bm, bs) = a[key], b[key]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import suite as S
+from suite_candidates import CANDIDATES
 from suite_verdicts import performance_profile, profile_times, short
 
 
@@ -51,7 +51,7 @@ def mermaid_charts(wl: dict, name: str) -> list[str]:
                           list(final.values()), 2.0 if w.higher_is_better else 0.05)
     # Ascent candidates' training loss is taken at the ascent point: not comparable here.
     var = {c: r["loss_var"][0] for c, r in rows.items() if r["loss_var"][0] is not None
-           and not S.CANDIDATES[c].moves_weights}
+           and not CANDIDATES[c].moves_weights}
     if var:
         out += _bar_chart(f"{name}: training-loss variance, last 10 % of steps (one-gradient "
                           "ascent rows left out)",

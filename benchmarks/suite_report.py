@@ -5,11 +5,13 @@ records (``suite_analysis``), the answers (``suite_verdicts``) and the charts
 
 from __future__ import annotations
 
-import suite as S
 from suite_analysis import BASE
+from suite_candidates import DEFAULT, LOOKAHEAD, WARMUP_FRACTION
 from suite_charts import mermaid_charts
+from suite_protocol import MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER, SELECTION_SEED
 from suite_verdicts import (_fmt, _table, comparison_table, losses_plainly, performance_profile,
                             profile_times, recommendation, status_line, verdict_rows)
+from suite_workloads import Workload
 
 
 def _pm(ms, scale=100.0, digits=1) -> str:
@@ -26,7 +28,7 @@ def _spread(row, key) -> str:
     return s + (f" ({_fmt(sp[0], 3)}–{_fmt(sp[1], 3)})" if sp else "")
 
 
-def workload_line(w: S.Workload, sizes: dict | None) -> str:
+def workload_line(w: Workload, sizes: dict | None) -> str:
     budget = f"{w.epochs} epoch(s) of gradient evaluations, batch {w.batch_size}"
     if sizes:
         budget += f", {sizes['budget']:,} gradient evaluations"
@@ -42,14 +44,14 @@ def markdown(result: dict) -> str:
     out = ["### Time to target (the suite)", "",
            "Made by `python benchmarks/suite.py` (resumable; see `benchmarks/README.md`), one "
            "thread per run, CPU seconds of training (`time.process_time`). Protocol: every run "
-           f"a linear warm-up over {100 * S.WARMUP_FRACTION:.0f} % of its steps, then cosine "
+           f"a linear warm-up over {100 * WARMUP_FRACTION:.0f} % of its steps, then cosine "
            "decay to 0; every candidate on a workload the same budget of gradient evaluations "
            "(a candidate that takes a second gradient on some steps gets fewer steps, its own "
            "schedule over them). LR on a half-decade ladder, starting from three points around "
            "each candidate's usual value and widened past the best edge until interior (at most "
-           f"{S.MAX_LR_TRIALS} LRs, selection seed {S.SELECTION_SEED}, whole budget, final "
+           f"{MAX_LR_TRIALS} LRs, selection seed {SELECTION_SEED}, whole budget, final "
            "validation metric); candidates with a rho then search "
-           f"{list(S.RHO_LADDER)} the same way at that LR (at most {S.MAX_RHO_TRIALS}); then "
+           f"{list(RHO_LADDER)} the same way at that LR (at most {MAX_RHO_TRIALS}); then "
            f"{result['seeds']} seeds (0–{result['seeds'] - 1}) at the chosen setting. Target: "
            "the validation metric tuned AdamW reaches at 85 % of its budget (median over its "
            "seeds). Times to target: median over seeds (a seed that never reaches counts as "
@@ -123,8 +125,8 @@ def markdown(result: dict) -> str:
                         f"{metric_head} (equal grad. evals)", f"{metric_head} (equal CPU s)",
                         "train acc. %", "gap, points", "loss variance"], body), ""]
         if wl["not_run"]:
-            out += [f"Not run here: {', '.join(wl['not_run'])} ({S.LOOKAHEAD} does not end "
-                    f"above {S.DEFAULT} on validation, so Lookahead is no contender on this "
+            out += [f"Not run here: {', '.join(wl['not_run'])} ({LOOKAHEAD} does not end "
+                    f"above {DEFAULT} on validation, so Lookahead is no contender on this "
                     "workload).", ""]
         edges = [c for c, r in rows.items() if r["lr_edge"] or r["rho_edge"]]
         if edges:

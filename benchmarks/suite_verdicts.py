@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import statistics
 
-import suite as S
 from suite_analysis import BASE, NEURO, _final_key, _says, difference
+from suite_candidates import CANDIDATES, NEURO_CONFIGS, SAM_INTERVAL, constructor_defaults
+from suite_protocol import ladder_index, score
+from suite_workloads import Workload
 
 CLAIMS = ("faster convergence: target in 20 epochs where Adam needs 30",
           "better generalization: 92 % vs 89 % test accuracy",
@@ -20,9 +22,9 @@ ONE_GRADIENT = (("MSAM(AdamW)", "AdamW"),
                 ("NeuroOptima momentum ascent", NEURO),
                 ("NeuroOptima momentum ascent + Lookahead", "NeuroOptima Lookahead"))
 SCHEDULED = (("SAM(AdamW)", "AdamW"),
-             (f"NeuroOptima SAM every {S.SAM_INTERVAL}th", NEURO),
+             (f"NeuroOptima SAM every {SAM_INTERVAL}th", NEURO),
              ("NeuroOptima late SAM", NEURO),
-             (f"NeuroOptima SAM every {S.SAM_INTERVAL}th + Lookahead", "NeuroOptima Lookahead"),
+             (f"NeuroOptima SAM every {SAM_INTERVAL}th + Lookahead", "NeuroOptima Lookahead"),
              ("NeuroOptima late SAM + Lookahead", "NeuroOptima Lookahead"))
 
 
@@ -46,7 +48,7 @@ def _table(header, rows) -> str:
 
 # Short candidate names for chart labels and the README's table.
 SHORT = {"NeuroOptima": "N", "momentum ascent": "MA", "Lookahead": "LA",
-         f"SAM every {S.SAM_INTERVAL}th": f"SAM/{S.SAM_INTERVAL}", "SGD Nesterov": "SGD-N"}
+         f"SAM every {SAM_INTERVAL}th": f"SAM/{SAM_INTERVAL}", "SGD Nesterov": "SGD-N"}
 
 
 def short(name: str) -> str:
@@ -57,7 +59,7 @@ def short(name: str) -> str:
 
 # ------------------------------------------------------------------ verdicts
 
-def _pairs(result: dict) -> list[tuple[str, dict, dict, S.Workload]]:
+def _pairs(result: dict) -> list[tuple[str, dict, dict, Workload]]:
     """(workload, NeuroOptima default row, AdamW row) where both are complete."""
     out = []
     for name, wl in result["workloads"].items():
@@ -67,7 +69,7 @@ def _pairs(result: dict) -> list[tuple[str, dict, dict, S.Workload]]:
     return out
 
 
-def _diff_text(w: S.Workload, n: dict, a: dict, key: str) -> str:
+def _diff_text(w: Workload, n: dict, a: dict, key: str) -> str:
     d = difference(w, n, a, key)
     if d is None:
         return "–"
@@ -159,10 +161,10 @@ def best_neuro(wl: dict) -> str | None:
     """The NeuroOptima configuration with the best mean final validation metric on this
     workload (complete rows only): the one a user tuning on validation would keep."""
     w = wl["workload"]
-    cands = [c for c, r in wl["rows"].items() if c in S.NEURO_CONFIGS and r["complete"]]
+    cands = [c for c, r in wl["rows"].items() if c in NEURO_CONFIGS and r["complete"]]
     if not cands:
         return None
-    return max(cands, key=lambda c: statistics.fmean(S.score(w, r) for r in wl["rows"][c]["runs"]))
+    return max(cands, key=lambda c: statistics.fmean(score(w, r) for r in wl["rows"][c]["runs"]))
 
 
 def comparisons(result: dict) -> list[dict]:
@@ -190,7 +192,7 @@ def comparisons(result: dict) -> list[dict]:
     return out
 
 
-def _pm_diff(w: S.Workload, d: tuple[float, float] | None) -> str:
+def _pm_diff(w: Workload, d: tuple[float, float] | None) -> str:
     if d is None:
         return "–"
     scale, fmt = (100, ".1f") if w.higher_is_better else (1, ".3f")
@@ -222,7 +224,7 @@ def readme_answers(result: dict) -> list[str]:
     test metric differences at equal gradient evaluations, and the best configuration against
     tuned AdamW in time to target and test metric at equal compute."""
     asks = {("one gradient", "NeuroOptima momentum ascent"): 1,
-            ("scheduled SAM", f"NeuroOptima SAM every {S.SAM_INTERVAL}th"): 2,
+            ("scheduled SAM", f"NeuroOptima SAM every {SAM_INTERVAL}th"): 2,
             ("scheduled SAM", "NeuroOptima late SAM"): 3}
     rows: dict[str, list[str]] = {}
     for c in comparisons(result):
@@ -240,7 +242,7 @@ def readme_answers(result: dict) -> list[str]:
     return ["The three questions per workload (test metric at equal gradient evaluations, "
             "difference ± 2 standard errors, positive = better; each against NeuroOptima "
             "without it, the last against tuned AdamW):", "",
-            _table(["workload", "momentum ascent", f"SAM every {S.SAM_INTERVAL}th",
+            _table(["workload", "momentum ascent", f"SAM every {SAM_INTERVAL}th",
                     "late SAM", "best NeuroOptima vs AdamW"], list(rows.values()))]
 
 
@@ -320,7 +322,7 @@ def robust_lr(rows_by_workload: list[dict]) -> float | None:
 def one_gradient(name: str) -> bool:
     """Whether a configuration takes one gradient a step, so that ``step()`` without a
     closure runs it in any loop (scheduled exact SAM needs a closure on its SAM steps)."""
-    return S.CANDIDATES[name].sam_every == 0
+    return CANDIDATES[name].sam_every == 0
 
 
 def recommended(result: dict) -> dict | None:
@@ -331,7 +333,7 @@ def recommended(result: dict) -> dict | None:
     configuration is complete everywhere. (A "+ Lookahead" form that a workload does not run,
     Lookahead paying nothing there, is not a candidate.)"""
     times = profile_times(result, "grad_evals_to_target")
-    names = [n for n in S.NEURO_CONFIGS if times and all(n in t for t in times.values())]
+    names = [n for n in NEURO_CONFIGS if times and all(n in t for t in times.values())]
     usable = times if names else {}
     if not usable or not any(one_gradient(n) for n in names):
         return None
@@ -341,12 +343,12 @@ def recommended(result: dict) -> dict | None:
     best_any = min(names, key=lambda n: score[n])
     best = min((n for n in names if one_gradient(n)), key=lambda n: score[n])
     best_rows = [result["workloads"][w]["rows"][best] for w in usable]
-    defaults = S.constructor_defaults()
-    settings = {**{k: v for k, v in defaults.items() if k != "lr"}, **S.NEURO_CONFIGS[best]}
+    defaults = constructor_defaults()
+    settings = {**{k: v for k, v in defaults.items() if k != "lr"}, **NEURO_CONFIGS[best]}
     lr = robust_lr(best_rows)
     agrees = (len(usable) == len(result["workloads"]) and lr is not None
               and all(defaults.get(k) == v for k, v in settings.items())
-              and S.ladder_index(defaults["lr"]) == S.ladder_index(lr))
+              and ladder_index(defaults["lr"]) == ladder_index(lr))
     return dict(names=names, times=usable, best=best, best_any=best_any, score=score,
                 settings=settings, lr=lr, tuned_lrs=[r["lr"] for r in best_rows],
                 defaults=defaults, defaults_agree=agrees)
@@ -357,7 +359,7 @@ def recommendation(result: dict) -> list[str]:
     rec = recommended(result)
     if rec is None:
         return ["Recommended defaults: not enough complete NeuroOptima rows yet (needs a "
-                f"configuration among {', '.join(S.NEURO_CONFIGS)} complete on every workload "
+                f"configuration among {', '.join(NEURO_CONFIGS)} complete on every workload "
                 "with a target)."]
     names = rec["names"]
     body = []

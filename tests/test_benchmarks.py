@@ -21,8 +21,11 @@ sys.path.insert(0, str(BENCH))
 import report  # noqa: E402
 import suite  # noqa: E402
 import suite_analysis  # noqa: E402
+import suite_candidates  # noqa: E402
 import suite_charts  # noqa: E402
+import suite_protocol  # noqa: E402
 import suite_verdicts  # noqa: E402
+import suite_workloads  # noqa: E402
 
 
 def _block(text: str) -> str:
@@ -54,16 +57,17 @@ def test_smoke_run_writes_records_report_and_plots(smoke):
     records = suite.load_records(smoke / report.SUITE_DIR)
     assert (smoke / "REPORT.md").is_file()
     assert (smoke / "suite_digits-mlp.png").is_file()
-    runnable, _ = suite.available(suite.CANDIDATES)
+    runnable, _ = suite.available(suite_candidates.CANDIDATES)
     # The "+ Lookahead" sharpness-aware rows run exactly where Lookahead pays.
-    w = suite._workloads(quick=True)["digits-mlp"]
+    w = suite_workloads.workloads_for(quick=True)["digits-mlp"]
     seeds = {c: [r for r in records if r["candidate"] == c and r["phase"] == "seed"]
-             for c in (suite.LOOKAHEAD, suite.DEFAULT)}
-    pays = suite.lookahead_pays(w, seeds[suite.LOOKAHEAD], seeds[suite.DEFAULT])
-    expected = {c for c in runnable if pays or not suite.CANDIDATES[c].with_lookahead}
+             for c in (suite_candidates.LOOKAHEAD, suite_candidates.DEFAULT)}
+    pays = suite_protocol.lookahead_pays(w, seeds[suite_candidates.LOOKAHEAD],
+                                         seeds[suite_candidates.DEFAULT])
+    expected = {c for c in runnable if pays or not suite_candidates.CANDIDATES[c].with_lookahead}
     assert {r["candidate"] for r in records} == expected
     for rec in records:
-        cand = suite.CANDIDATES[rec["candidate"]]
+        cand = suite_candidates.CANDIDATES[rec["candidate"]]
         plan = cand.plan(rec["budget"])
         assert rec["steps"] == plan.steps or rec["diverged"]
         # Gradient evaluations are counted, and every candidate's fit the same budget.
@@ -165,17 +169,17 @@ def test_verdict_table_recomputed_from_the_records(tmp_path):
     speed_row = next(line for line in block.splitlines() if line.startswith("| faster"))
     acc_row = next(line for line in block.splitlines() if line.startswith("| better"))
     checked = 0
-    for name, w in suite._workloads(False).items():
+    for name, w in suite_workloads.workloads_for(False).items():
         def chosen(cand):
             search = {r["lr"]: r for r in records if r["workload"] == name
-                      and r["candidate"] == cand and r["seed"] == suite.SELECTION_SEED}
+                      and r["candidate"] == cand and r["seed"] == suite_protocol.SELECTION_SEED}
             if not search:
                 return []
             sign = 1 if w.higher_is_better else -1
             best = max(sorted(search), key=lambda lr: -math.inf if search[lr]["diverged"]
                        else sign * search[lr]["curve"][-1][3])
             return [r for r in records if r["workload"] == name and r["candidate"] == cand
-                    and r["seed"] < suite.SELECTION_SEED and r["lr"] == best]
+                    and r["seed"] < suite_protocol.SELECTION_SEED and r["lr"] == best]
         adamw, neuro = chosen("AdamW"), chosen("NeuroOptima default")
         if len(adamw) < 5 or len(neuro) < 5:
             continue
@@ -285,14 +289,14 @@ def test_run_plan_fits_the_gradient_budget():
     def cost(steps, every, start):
         return steps + sum(1 for i in range(start, steps + 1) if i % every == 0)
 
-    assert suite.run_plan(1000).steps == 1000
-    assert suite.run_plan(1000, 1).steps == 500
-    assert suite.run_plan(1000, 4).steps == 800
-    late = suite.run_plan(1000, 1, 0.5)
+    assert suite_candidates.run_plan(1000).steps == 1000
+    assert suite_candidates.run_plan(1000, 1).steps == 500
+    assert suite_candidates.run_plan(1000, 4).steps == 800
+    late = suite_candidates.run_plan(1000, 1, 0.5)
     assert late.steps == 666 and late.sam_start == 334 and late.grad_evals == 999
     for budget in (7, 100, 1001):
         for every, frac in ((1, 0.0), (3, 0.0), (4, 0.25), (1, 0.5)):
-            p = suite.run_plan(budget, every, frac)
+            p = suite_candidates.run_plan(budget, every, frac)
             assert p.grad_evals == cost(p.steps, every, p.sam_start) <= budget
             start = math.floor(frac * (p.steps + 1)) + 1
             assert cost(p.steps + 1, every, start) > budget
@@ -374,9 +378,9 @@ def test_train_step_counts_gradient_evaluations():
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     assert training_step.train_step(model, adamw, x, y)[1] == 1
-    sam = suite._pt("SAM")(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
+    sam = suite_candidates._pt("SAM")(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3)
     assert training_step.train_step(model, sam, x, y, two_pass=True)[1] == 2
-    cand = suite.CANDIDATES[f"NeuroOptima SAM every {suite.SAM_INTERVAL}th"]
+    cand = suite_candidates.CANDIDATES[f"NeuroOptima SAM every {suite_candidates.SAM_INTERVAL}th"]
     if cand.missing():
         pytest.skip(f"NeuroOptima lacks {cand.missing()}")
     bn = model[1]
@@ -403,18 +407,19 @@ def _scored(values: dict[float, float]) -> dict[float, dict]:
 
 
 def test_choose_takes_a_flat_best_inside_the_tried_range():
-    w = suite._workloads(quick=True)["digits-mlp"]
+    w = suite_workloads.workloads_for(quick=True)["digits-mlp"]
     # A plateau from the lower edge into the range: its smallest inner point, no edge.
-    assert suite.choose(w, _scored({1e-3: 0.9, 2e-3: 0.9, 5e-3: 0.9, 1e-2: 0.8})) == (2e-3, False)
+    assert suite_protocol.choose(w, _scored({1e-3: 0.9, 2e-3: 0.9, 5e-3: 0.9, 1e-2: 0.8})) \
+        == (2e-3, False)
     # The best only at an edge: that edge, flagged so the search widens.
-    assert suite.choose(w, _scored({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7})) == (1e-3, True)
-    assert suite.choose(w, _scored({1e-3: 0.7, 2e-3: 0.9, 5e-3: 0.9})) == (2e-3, False)
+    assert suite_protocol.choose(w, _scored({1e-3: 0.9, 2e-3: 0.8, 5e-3: 0.7})) == (1e-3, True)
+    assert suite_protocol.choose(w, _scored({1e-3: 0.7, 2e-3: 0.9, 5e-3: 0.9})) == (2e-3, False)
 
 
 def test_widen_resumes_from_recorded_points():
     """A resumed search chooses from every recorded point, as the report does, and runs only
     what is missing."""
-    w = suite._workloads(quick=True)["digits-mlp"]
+    w = suite_workloads.workloads_for(quick=True)["digits-mlp"]
     ladder = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     acc = {1.0: 0.5, 2.0: 0.6, 3.0: 0.7, 4.0: 0.8, 5.0: 0.9, 6.0: 0.85}
     ran = []
@@ -423,35 +428,37 @@ def test_widen_resumes_from_recorded_points():
         ran.append(v)
         return _scored({v: acc[v]})[v]
 
-    search = suite.widen(w, ladder, 3.0, 9, run)
-    assert ran == [2.0, 3.0, 4.0, 5.0, 6.0] and suite.choose(w, search)[0] == 5.0
+    search = suite_protocol.widen(w, ladder, 3.0, 9, run)
+    assert ran == [2.0, 3.0, 4.0, 5.0, 6.0] and suite_protocol.choose(w, search)[0] == 5.0
     ran.clear()
-    again = suite.widen(w, ladder, 3.0, 9, run, known=search)
-    assert ran == [] and suite.choose(w, again) == (5.0, False)
+    again = suite_protocol.widen(w, ladder, 3.0, 9, run, known=search)
+    assert ran == [] and suite_protocol.choose(w, again) == (5.0, False)
     # Only the first three recorded: the search goes on from there.
     part = {v: search[v] for v in (2.0, 3.0, 4.0)}
-    assert suite.choose(w, suite.widen(w, ladder, 3.0, 9, run, known=part))[0] == 5.0
+    resumed = suite_protocol.widen(w, ladder, 3.0, 9, run, known=part)
+    assert suite_protocol.choose(w, resumed)[0] == 5.0
     assert ran == [5.0, 6.0]
 
 
 def test_lookahead_rows_are_run_only_where_lookahead_pays():
-    w = suite._workloads(quick=True)["digits-mlp"]
+    w = suite_workloads.workloads_for(quick=True)["digits-mlp"]
     better, worse = [_scored({0: 0.95})[0]] * 2, [_scored({0: 0.90})[0]] * 2
-    assert suite.lookahead_pays(w, better, worse) and not suite.lookahead_pays(w, worse, better)
-    gated = [c for c, cand in suite.CANDIDATES.items() if cand.with_lookahead]
+    assert suite_protocol.lookahead_pays(w, better, worse)
+    assert not suite_protocol.lookahead_pays(w, worse, better)
+    gated = [c for c, cand in suite_candidates.CANDIDATES.items() if cand.with_lookahead]
     assert gated and all("Lookahead" in c for c in gated)
     # The report names the rows the runner leaves out, and does not count them as planned.
-    rows = {suite.LOOKAHEAD: dict(complete=True, runs=worse),
-            suite.DEFAULT: dict(complete=True, runs=better)}
+    rows = {suite_candidates.LOOKAHEAD: dict(complete=True, runs=worse),
+            suite_candidates.DEFAULT: dict(complete=True, runs=better)}
     assert suite_analysis._not_run(w, rows) == gated
-    rows[suite.LOOKAHEAD]["runs"] = [_scored({0: 0.97})[0]] * 2
+    rows[suite_candidates.LOOKAHEAD]["runs"] = [_scored({0: 0.97})[0]] * 2
     assert suite_analysis._not_run(w, rows) == []
 
 
 def test_defaults_are_chosen_among_one_gradient_configurations():
     """The fastest configuration may take a second gradient on some steps (scheduled SAM);
     the defaults are the fastest that takes one a step, so plain step() runs them anywhere."""
-    every = f"NeuroOptima SAM every {suite.SAM_INTERVAL}th"
+    every = f"NeuroOptima SAM every {suite_candidates.SAM_INTERVAL}th"
     assert suite_verdicts.one_gradient("NeuroOptima momentum ascent")
     assert not suite_verdicts.one_gradient(every)
     assert not suite_verdicts.one_gradient("NeuroOptima late SAM")

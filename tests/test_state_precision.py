@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import state_precision  # noqa: E402
-import suite  # noqa: E402
 import suite_analysis  # noqa: E402
+import suite_candidates  # noqa: E402
+import suite_protocol  # noqa: E402
 
 W = "digits-mlp"  # the quick profile's workload: the bf16 candidate runs on it
 BUDGET = 100
@@ -27,7 +28,7 @@ def _record(cand: str, lr: float, seed: int, curve: list[float], test_acc: float
     """A run record as suite.run_one writes it, with a chosen validation curve and final test
     accuracy (one step per gradient evaluation)."""
     return dict(workload=W, candidate=cand, lr=lr, rho=None, seed=seed,
-                phase="search" if seed == suite.SELECTION_SEED else "seed", budget=BUDGET,
+                phase="search" if seed == suite_protocol.SELECTION_SEED else "seed", budget=BUDGET,
                 steps=BUDGET, grad_evals=BUDGET, steps_per_epoch=50, diverged=False,
                 cpu_s=1.0, curve=[[g, g, g / 100, v] for g, v in zip(GRADS, curve)],
                 tests=[[BUDGET, BUDGET, 1.0, test_acc, 1 - test_acc]],
@@ -37,9 +38,9 @@ def _record(cand: str, lr: float, seed: int, curve: list[float], test_acc: float
 
 def _rows(cand: str, lr: float, curve: list[float], accs: list[float]) -> list[dict]:
     """Three LRs searched (``lr`` best and interior), then the seeds at ``lr``."""
-    out = [_record(cand, x, suite.SELECTION_SEED, [v - 0.1 for v in curve], 0.5)
+    out = [_record(cand, x, suite_protocol.SELECTION_SEED, [v - 0.1 for v in curve], 0.5)
            for x in (lr / 3.16, lr * 3.16)]
-    out.append(_record(cand, lr, suite.SELECTION_SEED, curve, 0.5))
+    out.append(_record(cand, lr, suite_protocol.SELECTION_SEED, curve, 0.5))
     return out + [_record(cand, lr, s, curve, a) for s, a in enumerate(accs)]
 
 
@@ -81,7 +82,7 @@ def test_section_says_when_no_workload_has_both_rows():
 
 
 def test_bf16_state_candidate_stores_its_rule_buffers_in_bfloat16():
-    cand = suite.CANDIDATES[suite.STATE_BF16]
+    cand = suite_candidates.CANDIDATES[suite_candidates.STATE_BF16]
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = cand.build(model.parameters(), 1e-3, None, cand.plan(10))
@@ -93,7 +94,7 @@ def test_bf16_state_candidate_stores_its_rule_buffers_in_bfloat16():
         {k: v.dtype for k, v in buffers.items()}
     assert model.weight.dtype == torch.float32
     # What the section reports: 2 bytes per buffer element against the default's 4.
-    reduced = state_precision.rule_state(suite.STATE_BF16)
+    reduced = state_precision.rule_state(suite_candidates.STATE_BF16)
     full = state_precision.rule_state(state_precision.FULL)
     assert (reduced["dtype"], full["dtype"]) == ("bfloat16", "float32")
     assert reduced["bytes_per_param"] == 2 * len(buffers)
