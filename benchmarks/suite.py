@@ -223,18 +223,26 @@ class Store:
             text = path.read_text()
             lines = text.split("\n")
             # The last piece is "" after a complete record, or a line still being written.
-            for line in lines[:-1]:
-                if line.strip():
+            for number, line in enumerate(lines[:-1], 1):
+                if not line.strip():
+                    continue
+                try:
                     rec = json.loads(line)
-                    self.records[rec["key"]] = rec
+                except json.JSONDecodeError:  # a run killed while writing: it runs again
+                    print(f"[suite] {path}:{number}: not a complete record, ignored", flush=True)
+                    continue
+                self.records[rec["key"]] = rec
 
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
 
     def add(self, rec: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f"{rec['workload']}.jsonl", "a") as f:
-            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        path = self.folder / f"{rec['workload']}.jsonl"
+        with open(path, "a") as f:
+            # After a record cut short by a kill, start a line of its own.
+            cut = f.tell() > 0 and not path.read_bytes().endswith(b"\n")
+            f.write(("\n" if cut else "") + json.dumps(rec, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.records[rec["key"]] = rec

@@ -475,3 +475,16 @@ def test_defaults_are_chosen_among_one_gradient_configurations():
     assert rec["lr"] == 3.16e-3
     text = "\n".join(suite_verdicts.recommendation(result))
     assert f"**{every}**" in text and "needs a closure" in text
+
+
+def test_store_survives_a_record_cut_short(tmp_path):
+    """A run killed while its record was being written loses that run only: the piece is
+    ignored, the next record starts a line of its own, and both load again."""
+    store = suite.Store(tmp_path)
+    store.add(dict(key="a", workload="w", value=1))
+    with open(tmp_path / "w.jsonl", "a") as f:
+        f.write('{"key":"b","workload":"w","val')  # cut short
+    again = suite.Store(tmp_path)
+    assert set(again.records) == {"a"}
+    again.add(dict(key="c", workload="w", value=3))
+    assert set(suite.Store(tmp_path).records) == {"a", "c"}
