@@ -328,13 +328,14 @@ def one_gradient(name: str) -> bool:
 def recommended(result: dict) -> dict | None:
     """The NeuroOptima configuration for the defaults: fastest to target in gradient
     evaluations (geometric mean over the workloads) among those that take one gradient a step
-    (the defaults must run in any loop) and have a complete row on every workload with a
-    target, and its robust LR; also the fastest of all (``best_any``). None when no
-    configuration is complete everywhere. (A "+ Lookahead" form that a workload does not run,
-    Lookahead paying nothing there, is not a candidate.)"""
+    (the defaults must run in any loop), and its robust LR; also the fastest of all
+    (``best_any``). The configurations compared are those every workload runs (a "+ Lookahead"
+    form that a workload leaves out, Lookahead paying nothing there, is not one); None until
+    each of them is complete on every workload with a target."""
     times = profile_times(result, "grad_evals_to_target")
-    names = [n for n in NEURO_CONFIGS if times and all(n in t for t in times.values())]
-    usable = times if names else {}
+    planned = [set(wl["planned"]) for wl in result["workloads"].values()]
+    names = [n for n in NEURO_CONFIGS if all(n in p for p in planned)]
+    usable = times if names and all(n in t for t in times.values() for n in names) else {}
     if not usable or not any(one_gradient(n) for n in names):
         return None
     score = {n: statistics.fmean(

@@ -468,12 +468,21 @@ def test_defaults_are_chosen_among_one_gradient_configurations():
     def row(t):
         return dict(complete=True, grad_evals_to_target=t, lr=3.16e-3,
                     search_scores={1e-3: 0.5, 3.16e-3: 0.9, 1e-2: 0.7})
-    result = dict(workloads={w: dict(target=0.9, rows={n: row(t) for n, t in times.items()})
-                             for w in ("a", "b")})
+    result = dict(workloads={w: dict(target=0.9, rows={n: row(t) for n, t in times.items()},
+                                     planned=list(times)) for w in ("a", "b")})
     rec = suite_verdicts.recommended(result)
     assert rec["best_any"] == every and rec["best"] == "NeuroOptima default"
     assert rec["lr"] == 3.16e-3
     text = "\n".join(suite_verdicts.recommendation(result))
+    # A configuration every workload runs but one has not finished: no recommendation yet;
+    # one that a workload leaves out (Lookahead paying nothing there) is not compared.
+    extra = "NeuroOptima momentum ascent + Lookahead"
+    for wl in result["workloads"].values():
+        wl["planned"].append(extra)
+    result["workloads"]["a"]["rows"][extra] = row(100)
+    assert suite_verdicts.recommended(result) is None
+    result["workloads"]["b"]["planned"].remove(extra)
+    assert suite_verdicts.recommended(result)["best_any"] == every
     assert f"**{every}**" in text and "needs a closure" in text
 
 
