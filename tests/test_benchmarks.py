@@ -227,8 +227,22 @@ def test_constructor_defaults_are_what_the_records_recommend(tmp_path):
     rec = suite_verdicts.recommended(result)
     if rec is None or len(rec["times"]) < len(result["workloads"]):
         pytest.skip("the NeuroOptima configurations are not complete on every workload yet")
-    assert rec["best"] == "NeuroOptima default", rec["best"]
-    assert rec["defaults_agree"], (rec["defaults"], rec["settings"], rec["lr"])
+    assert rec["defaults_agree"], (rec["best"], rec["defaults"], rec["settings"], rec["lr"])
+
+
+def test_lion_learning_rate_is_what_the_records_recommend(tmp_path):
+    """lr=None with the lion rules is the LR never far from each workload's best among the
+    Lion baseline's searches (lion_adan, without rows of its own, takes Lion's)."""
+    from neurooptima.validation import DEFAULT_LR
+
+    result = suite_analysis.analyse(_committed_records(tmp_path))
+    rows = [wl["rows"].get("Lion") for wl in result["workloads"].values()]
+    if not all(r and r["complete"] for r in rows):
+        pytest.skip("Lion is not complete on every workload yet")
+    lr = suite_verdicts.robust_lr(rows)
+    for rule in ("lion", "lion_adan"):
+        assert suite_protocol.ladder_index(DEFAULT_LR[rule]) == suite_protocol.ladder_index(lr), \
+            (rule, DEFAULT_LR[rule], lr)
 
 
 def test_robust_lr_takes_the_best_worst_rank():
