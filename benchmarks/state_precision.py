@@ -12,10 +12,10 @@ import torch
 import suite_analysis as A
 import suite_report as R
 import suite_verdicts as V
-from suite_candidates import CANDIDATES, STATE_BF16
+from suite_candidates import CANDIDATES, PLAIN, STATE_BF16
 from suite_workloads import Workload
 
-FULL, REDUCED = A.NEURO, STATE_BF16
+FULL, REDUCED = PLAIN, STATE_BF16
 
 
 def rule_state(name: str) -> dict:

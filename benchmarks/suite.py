@@ -79,7 +79,7 @@ for _path in (ROOT, ROOT / "benchmarks"):  # run as a script: launch/ and siblin
 
 from launch.data import epoch_permutation  # noqa: E402
 from launch.models import build_model  # noqa: E402
-from suite_candidates import CANDIDATES, DEFAULT, LOOKAHEAD, PRIORITY, Candidate  # noqa: E402
+from suite_candidates import CANDIDATES, LOOKAHEAD, PLAIN, PRIORITY, Candidate  # noqa: E402
 from suite_protocol import (LADDER, MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER,  # noqa: E402
                             SELECTION_SEED, choose, lookahead_pays, widen)
 from suite_workloads import (Workload, load_workload_data, workload_sizes,  # noqa: E402
@@ -323,10 +323,10 @@ class Suite:
         if not cand.with_lookahead or LOOKAHEAD not in CANDIDATES or started:
             return True
         pays = lookahead_pays(w, self.evaluate(w, CANDIDATES[LOOKAHEAD]),
-                              self.evaluate(w, CANDIDATES[DEFAULT]))
+                              self.evaluate(w, CANDIDATES[PLAIN]))
         if not pays:
             print(f"\n[suite] {w.name}: {cand.name} not run ({LOOKAHEAD} does not end above "
-                  f"{DEFAULT} on validation)", flush=True)
+                  f"{PLAIN} on validation)", flush=True)
         return pays
 
 

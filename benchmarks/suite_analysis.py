@@ -30,12 +30,11 @@ from __future__ import annotations
 import math
 import statistics
 
-from suite_candidates import CANDIDATES, DEFAULT, LOOKAHEAD, Candidate
+from suite_candidates import CANDIDATES, LOOKAHEAD, PLAIN, Candidate
 from suite_protocol import (LADDER, MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER, choose,
                             lookahead_pays, score)
 from suite_workloads import Workload, workloads_for
 
-NEURO = "NeuroOptima default"
 BASE = "AdamW"
 TARGET_FRACTION = 0.85
 # Curve points: [step, gradient evaluations, CPU s, validation metric];
@@ -167,7 +166,7 @@ def analyse(records: list[dict], meta: dict | None = None, seeds: int | None = N
 def _not_run(w: Workload, rows: dict[str, dict]) -> list[str]:
     """The "+ Lookahead" sharpness-aware rows the suite does not run on this workload
     because Lookahead does not pay there (as ``suite.Suite.due`` decides)."""
-    la, plain = rows.get(LOOKAHEAD), rows.get(DEFAULT)
+    la, plain = rows.get(LOOKAHEAD), rows.get(PLAIN)
     if not (la and plain and la["complete"] and plain["complete"]) or \
             lookahead_pays(w, la["runs"], plain["runs"]):
         return []

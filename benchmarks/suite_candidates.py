@@ -25,6 +25,11 @@ WARMUP_FRACTION = 0.05
 LOOKAHEAD_K = 5
 SAM_INTERVAL = 4               # "SAM every k-th step"
 LATE_SAM_FROM = 0.5            # late-phase SAM: from this fraction of the steps on
+# What every NeuroOptima configuration starts from (the Adan rule alone: no SAM, no Lookahead),
+# written out rather than read off the constructor, so that a record keeps meaning what it
+# measured when the constructor's defaults change.
+NEURO_BASE = dict(update="adan", weight_decay=WEIGHT_DECAY, sam_rho=0.0, sam_ascent="gradient",
+                  sam_warmup=0, sam_interval=1, sam_start=1, lookahead_k=0)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,11 @@ def run_plan(budget: int, sam_every: int = 0, sam_from: float = 0.0) -> RunPlan:
                    start if sam_every else None, cost)
 
 
+STATE_BF16 = "NeuroOptima bf16 state"
+# The Adan rule alone (the baseline of every sharpness-aware question) and with Lookahead.
+PLAIN, LOOKAHEAD = "NeuroOptima Adan", "NeuroOptima Lookahead"
+
+
 def _pt(name: str):
     import pytorch_optimizer
     return getattr(pytorch_optimizer, name)
@@ -100,7 +110,7 @@ def _pt(name: str):
 
 def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool = False,
            sam_every: int = 0, sam_from: float = 0.0, **extra) -> Candidate:
-    """A NeuroOptima configuration: ``fixed`` settings on top of the constructor defaults;
+    """A NeuroOptima configuration: ``fixed`` settings on top of ``NEURO_BASE``;
     with ``rho_start`` its sam_rho is tuned, with ``ascent`` it is momentum ascent (warm-up of
     the ascent = the warm-up of the learning rate), with ``sam_from`` it starts SAM late."""
     needs = tuple(k for k in fixed if k not in ("lookahead_k",))
@@ -110,7 +120,7 @@ def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool 
         needs += ("sam_start",)
 
     def build(params, lr, rho, plan: RunPlan):
-        kw = dict(fixed)
+        kw = {**NEURO_BASE, **fixed}
         if rho is not None:
             kw["sam_rho"] = rho
         if ascent:
@@ -130,13 +140,13 @@ def _neuro(name: str, fixed: dict, rho_start: float | None = None, ascent: bool 
                 for k, v in settings.items()}
     return Candidate(name, build, 3.16e-3, sam_every=sam_every, sam_from=sam_from,
                      rho_start=rho_start, moves_weights=ascent, needs=needs,
-                     settings=settings or dict(note="constructor defaults, LR tuned"), **extra)
+                     settings=settings or dict(note="the Adan rule alone, LR tuned"), **extra)
 
 
 def _neuro_candidates() -> list[Candidate]:
     la = dict(lookahead_k=LOOKAHEAD_K)
     every = dict(sam_interval=SAM_INTERVAL)
-    out = [_neuro("NeuroOptima default", {}), _neuro("NeuroOptima Lookahead", la)]
+    out = [_neuro(PLAIN, {}), _neuro(LOOKAHEAD, la)]
     for suffix, extra in (("", {}), (" + Lookahead", la)):
         gate = dict(with_lookahead=bool(extra))
         out += [_neuro("NeuroOptima momentum ascent" + suffix, dict(extra), 1.0, ascent=True,
@@ -149,9 +159,10 @@ def _neuro_candidates() -> list[Candidate]:
     return first + [c for c in out[2:] if "Lookahead" in c.name]
 
 
-# The NeuroOptima configurations compared and the settings each fixes (a tuned rho aside).
+# The NeuroOptima configurations compared and every setting each runs with ("tuned" and the
+# per-run descriptions stand for values chosen per workload or per run).
 def neuro_configs() -> dict[str, dict]:
-    return {c.name: {k: v for k, v in c.settings.items() if k != "note"}
+    return {c.name: {**NEURO_BASE, **{k: v for k, v in c.settings.items() if k != "note"}}
             for c in _neuro_candidates()}
 
 
@@ -159,16 +170,18 @@ NEURO_CONFIGS = neuro_configs()
 
 
 def constructor_defaults() -> dict[str, object]:
-    """NeuroOptima's defaults for lr and the settings its configurations vary (lr=None, the
-    rule's own learning rate, read as that rate)."""
+    """NeuroOptima's defaults for lr and the settings its configurations vary (None read as
+    what it stands for: the rule's learning rate, the sharpness-aware form and its radius)."""
     params = inspect.signature(NeuroOptima.__init__).parameters
     keys = {"lr", "sam_rho", "lookahead_k", "weight_decay"}
     keys |= {k for s in NEURO_CONFIGS.values() for k in s}
+    from neurooptima.validation import DEFAULT_LR, resolve_sam_form
+
     out = {k: params[k].default for k in sorted(keys) if k in params}
     if out.get("lr") is None:
-        from neurooptima.validation import DEFAULT_LR
         out["lr"] = DEFAULT_LR[params["update"].default]
-    return out
+    resolve_sam_form(out)  # sam_rho/sam_ascent None: the form and radius they stand for
+    return dict(sorted(out.items()))
 
 
 def _candidates() -> dict[str, Candidate]:
@@ -193,7 +206,7 @@ def _candidates() -> dict[str, Candidate]:
                   1e-3, rho_start=1.0, moves_weights=True,
                   settings=dict(wd, rho="tuned", source="benchmarks/msam_adamw.py")),
         *neuro[1:],
-        # The defaults with bfloat16 rule state: the state-precision comparison, on the MLP and
+        # The Adan rule alone with bfloat16 state: the state-precision comparison, on the MLP and
         # the transformer (the workloads where a run is cheapest and where precision bites).
         _neuro(STATE_BF16, dict(state_dtype=torch.bfloat16),
                only_on=("digits-mlp", "shakespeare-char")),
@@ -201,9 +214,7 @@ def _candidates() -> dict[str, Candidate]:
     return {c.name: c for c in cands}
 
 
-STATE_BF16 = "NeuroOptima bf16 state"
-LOOKAHEAD, DEFAULT = "NeuroOptima Lookahead", "NeuroOptima default"
 
 CANDIDATES = _candidates()
-# Order of the work: the baselines and NeuroOptima's defaults first.
+# Order of the work: the baselines and the Adan rule alone first.
 PRIORITY = tuple(CANDIDATES)

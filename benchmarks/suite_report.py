@@ -6,7 +6,7 @@ records (``suite_analysis``), the answers (``suite_verdicts``) and the charts
 from __future__ import annotations
 
 from suite_analysis import BASE
-from suite_candidates import DEFAULT, LOOKAHEAD, WARMUP_FRACTION
+from suite_candidates import LOOKAHEAD, PLAIN, WARMUP_FRACTION
 from suite_charts import mermaid_charts
 from suite_protocol import MAX_LR_TRIALS, MAX_RHO_TRIALS, RHO_LADDER, SELECTION_SEED
 from suite_verdicts import (_fmt, _table, comparison_table, losses_plainly, performance_profile,
@@ -126,7 +126,7 @@ def markdown(result: dict) -> str:
                         "train acc. %", "gap, points", "loss variance"], body), ""]
         if wl["not_run"]:
             out += [f"Not run here: {', '.join(wl['not_run'])} ({LOOKAHEAD} does not end "
-                    f"above {DEFAULT} on validation, so Lookahead is no contender on this "
+                    f"above {PLAIN} on validation, so Lookahead is no contender on this "
                     "workload).", ""]
         edges = [c for c, r in rows.items() if r["lr_edge"] or r["rho_edge"]]
         if edges:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import statistics
 
-from suite_analysis import BASE, NEURO, _final_key, _says, difference
-from suite_candidates import CANDIDATES, NEURO_CONFIGS, SAM_INTERVAL, constructor_defaults
-from suite_protocol import ladder_index, score
+from suite_analysis import BASE, _final_key, _says, difference
+from suite_candidates import (CANDIDATES, LOOKAHEAD, NEURO_CONFIGS, PLAIN, SAM_INTERVAL,
+                              constructor_defaults)
+from suite_protocol import RHO_LADDER, ladder_index, score
 from suite_workloads import Workload
 
 CLAIMS = ("faster convergence: target in 20 epochs where Adam needs 30",
@@ -19,13 +20,16 @@ CLAIMS = ("faster convergence: target in 20 epochs where Adam needs 30",
           "lower loss variance than Adam")
 # The questions the report answers per workload: (label, candidate, the same without it).
 ONE_GRADIENT = (("MSAM(AdamW)", "AdamW"),
-                ("NeuroOptima momentum ascent", NEURO),
-                ("NeuroOptima momentum ascent + Lookahead", "NeuroOptima Lookahead"))
+                ("NeuroOptima momentum ascent", PLAIN),
+                ("NeuroOptima momentum ascent + Lookahead", LOOKAHEAD))
 SCHEDULED = (("SAM(AdamW)", "AdamW"),
-             (f"NeuroOptima SAM every {SAM_INTERVAL}th", NEURO),
-             ("NeuroOptima late SAM", NEURO),
-             (f"NeuroOptima SAM every {SAM_INTERVAL}th + Lookahead", "NeuroOptima Lookahead"),
-             ("NeuroOptima late SAM + Lookahead", "NeuroOptima Lookahead"))
+             (f"NeuroOptima SAM every {SAM_INTERVAL}th", PLAIN),
+             ("NeuroOptima late SAM", PLAIN),
+             (f"NeuroOptima SAM every {SAM_INTERVAL}th + Lookahead", LOOKAHEAD),
+             ("NeuroOptima late SAM + Lookahead", LOOKAHEAD))
+# Settings a configuration chooses per workload or per run, which a constructor default
+# cannot equal: any default value matches them (the rho is compared with the robust one).
+PER_RUN = ("tuned", "the LR warm-up steps")
 
 
 # ------------------------------------------------------------------ formatting
@@ -59,11 +63,20 @@ def short(name: str) -> str:
 
 # ------------------------------------------------------------------ verdicts
 
+def defaults_config() -> str | None:
+    """The configuration the constructor's defaults run (a tuned or per-run setting matches
+    any default), or None when they run none of those the suite measures."""
+    defaults = constructor_defaults()
+    found = [name for name, settings in NEURO_CONFIGS.items()
+             if all(v in PER_RUN or defaults.get(k) == v for k, v in settings.items())]
+    return found[0] if len(found) == 1 else None
+
+
 def _pairs(result: dict) -> list[tuple[str, dict, dict, Workload]]:
-    """(workload, NeuroOptima default row, AdamW row) where both are complete."""
-    out = []
+    """(workload, row of the defaults' configuration, AdamW row) where both are complete."""
+    out, neuro = [], defaults_config()
     for name, wl in result["workloads"].items():
-        n, a = wl["rows"].get(NEURO), wl["rows"].get(BASE)
+        n, a = wl["rows"].get(neuro), wl["rows"].get(BASE)
         if n and a and n["complete"] and a["complete"] and wl["target"] is not None:
             out.append((name, n, a, wl["workload"]))
     return out
@@ -80,10 +93,12 @@ def _diff_text(w: Workload, n: dict, a: dict, key: str) -> str:
 
 
 def verdict_rows(result: dict) -> list[list[str]]:
-    pairs = _pairs(result)
+    pairs, neuro = _pairs(result), defaults_config()
     if not pairs:
-        return [[c, "not measured yet (no workload has complete AdamW and NeuroOptima default "
-                 "rows)", "open"] for c in CLAIMS]
+        return [[c, f"not measured yet (no workload has complete AdamW and {neuro} rows; the "
+                 f"defaults' configuration)", "open"] for c in CLAIMS]
+    # The claims are about NeuroOptima as constructed with its defaults.
+    who = f"NeuroOptima's defaults ({short(neuro)}, LR and any rho tuned per workload)"
     rows = []
     # 1. speed: epochs to target (gradient evaluations and CPU seconds)
     parts, cpu_parts, faster_g, faster_cpu, holds = [], [], 0, 0, True
@@ -97,8 +112,8 @@ def verdict_rows(result: dict) -> list[list[str]]:
         parts.append(f"{name} {_fmt(ne, 2)} vs {_fmt(ae, 2)}")
         cpu_parts.append(f"{name} {_fmt(nc, 2)} vs {_fmt(ac, 2)}")
     k = len(pairs)
-    rows.append([CLAIMS[0], "median epochs of gradient evaluations to target, NeuroOptima "
-                 "default vs AdamW: " + "; ".join(parts) + "; CPU seconds to target: "
+    rows.append([CLAIMS[0], f"median epochs of gradient evaluations to target, {who} vs "
+                 "AdamW: " + "; ".join(parts) + "; CPU seconds to target: "
                  + "; ".join(cpu_parts) + " (claim: ratio 0.67)",
                  "holds" if holds else
                  f"does not hold: faster on {faster_g} of {k} workloads in gradient "
@@ -122,8 +137,8 @@ def verdict_rows(result: dict) -> list[list[str]]:
                    f"does not hold: better beyond noise on {better_g} of {n_acc} workloads at "
                    f"equal gradient evaluations, {better_cpu} of {n_acc} at equal CPU time, "
                    f"worse beyond noise on {worse}")
-        rows.append([CLAIMS[1], "test accuracy %, NeuroOptima default vs AdamW (difference ± 2 "
-                     "std. errors), at equal gradient evaluations: " + "; ".join(parts)
+        rows.append([CLAIMS[1], f"test accuracy %, {who} vs AdamW (difference ± 2 std. "
+                     "errors), at equal gradient evaluations: " + "; ".join(parts)
                      + "; at equal CPU seconds: " + "; ".join(cpu_parts) + " (claim: +3)",
                      verdict])
     else:
@@ -136,8 +151,10 @@ def verdict_rows(result: dict) -> list[list[str]]:
             continue
         lower += nv < av
         parts.append(f"{name} {nv / av:.2f}")
-    rows.append([CLAIMS[2], "training-loss variance over the last 10 % of steps, NeuroOptima "
-                 "default / AdamW (equal gradient evaluations): " + "; ".join(parts),
+    where = (" (its training loss is taken where the model is while training, at the ascent "
+             "point)" if CANDIDATES[neuro].moves_weights else "")
+    rows.append([CLAIMS[2], f"training-loss variance over the last 10 % of steps, {who}{where} "
+                 "/ AdamW (equal gradient evaluations): " + "; ".join(parts),
                  "holds" if parts and lower == len(parts) else
                  (f"partly: lower on {lower} of {len(parts)} workloads" if lower
                   else "does not hold")])
@@ -235,7 +252,7 @@ def readme_answers(result: dict) -> list[str]:
                       f"{_fmt(c['grads'][1])}); test {_pm_diff(c['w'], c['equal_g'])} "
                       f"({c['says_g']}), at equal CPU s {_pm_diff(c['w'], c['equal_cpu'])} "
                       f"({c['says_cpu']})")
-        elif (c["question"], c["a"]) in asks and c["b"] == NEURO:
+        elif (c["question"], c["a"]) in asks and c["b"] == PLAIN:
             row[asks[(c["question"], c["a"])]] = f"{_pm_diff(c['w'], c['equal_g'])} ({c['says_g']})"
     if not rows:
         return []
@@ -304,19 +321,20 @@ def _describe(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items()) if settings else "the defaults"
 
 
-def robust_lr(rows_by_workload: list[dict]) -> float | None:
+def robust_lr(rows_by_workload: list[dict], key: str = "search_scores") -> float | None:
     """The ladder LR that is never far from a workload's best: among the LRs every workload's
     search tried (selection seed, whole budget), the one whose worst rank over the workloads is
-    best (then the best mean rank, then the smaller LR). A diverged run ranks last."""
-    common = set.intersection(*(set(r["search_scores"]) for r in rows_by_workload))
+    best (then the best mean rank, then the smaller LR). A diverged run ranks last. With
+    ``key="rho_scores"``, the same for rho (each workload's search at its chosen LR)."""
+    common = set.intersection(*(set(r[key]) for r in rows_by_workload))
     if not common:
         return None
-    ranks: dict[float, list[int]] = {lr: [] for lr in common}
+    ranks: dict[float, list[int]] = {x: [] for x in common}
     for row in rows_by_workload:
-        order = sorted(row["search_scores"], key=lambda x: -row["search_scores"][x])
-        for lr in common:
-            ranks[lr].append(order.index(lr) + 1)
-    return min(common, key=lambda lr: (max(ranks[lr]), statistics.fmean(ranks[lr]), lr))
+        order = sorted(row[key], key=lambda x: -row[key][x])
+        for x in common:
+            ranks[x].append(order.index(x) + 1)
+    return min(common, key=lambda x: (max(ranks[x]), statistics.fmean(ranks[x]), x))
 
 
 def one_gradient(name: str) -> bool:
@@ -347,11 +365,17 @@ def recommended(result: dict) -> dict | None:
     defaults = constructor_defaults()
     settings = {**{k: v for k, v in defaults.items() if k != "lr"}, **NEURO_CONFIGS[best]}
     lr = robust_lr(best_rows)
+    tuned_rho = settings.get("sam_rho") == "tuned"
+    rho = robust_lr(best_rows, "rho_scores") if tuned_rho else None
     agrees = (len(usable) == len(result["workloads"]) and lr is not None
-              and all(defaults.get(k) == v for k, v in settings.items())
-              and ladder_index(defaults["lr"]) == ladder_index(lr))
+              and all(defaults.get(k) == v for k, v in settings.items() if v not in PER_RUN)
+              and ladder_index(defaults["lr"]) == ladder_index(lr)
+              and (not tuned_rho or rho is not None and defaults["sam_rho"] > 0 and
+                   ladder_index(defaults["sam_rho"], RHO_LADDER) == ladder_index(rho,
+                                                                                  RHO_LADDER)))
     return dict(names=names, times=usable, best=best, best_any=best_any, score=score,
-                settings=settings, lr=lr, tuned_lrs=[r["lr"] for r in best_rows],
+                settings=settings, lr=lr, tuned_lrs=[r["lr"] for r in best_rows], rho=rho,
+                tuned_rhos=[r["rho"] for r in best_rows] if tuned_rho else [],
                 defaults=defaults, defaults_agree=agrees)
 
 
@@ -381,10 +405,20 @@ def recommendation(result: dict) -> list[str]:
               f"**{rec['best']}** ({_describe(rec['settings'])}). Its tuned LR per workload: "
               f"{tuned}; the LR never far from each workload's best (best worst rank over the "
               f"LRs every workload tried): **{_fmt(rec['lr'])}**."]
+    if rec["rho"] is not None:
+        rhos = ", ".join(f"{x:g}" for x in rec["tuned_rhos"])
+        lines[-1] += (f" Its tuned rho per workload: {rhos}; the rho never far from each "
+                      f"workload's best (the same rule over the rhos every workload tried at "
+                      f"its LR): **{_fmt(rec['rho'])}**.")
+    for k, v in rec["settings"].items():
+        if v in PER_RUN and k != "sam_rho":
+            lines[-1] += (f" It ran with {k}={v}, which no default can hold: set it for your "
+                          f"run (the constructor's is {k}={rec['defaults'].get(k)}).")
     defaults = _describe(rec["defaults"])
     if rec["defaults_agree"]:
-        verdict = (f"The constructor defaults ({defaults}) are this recommendation (lr: a "
-                   f"round value nearest that ladder point).")
+        verdict = (f"The constructor defaults ({defaults}) are this recommendation (lr"
+                   + (" and sam_rho" if rec["rho"] is not None else "")
+                   + ": a round value nearest that ladder point).")
     else:
         total = len(result["workloads"])
         covered = len(rec["times"])

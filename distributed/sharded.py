@@ -162,14 +162,14 @@ class ShardedNeuroOptima(Optimizer):
                  master_weights: bool = True, reduce_dtype: torch.dtype | None = None,
                  module: nn.Module | None = None, broadcast_buffers: bool = True,
                  overlap_param_gather: bool = False,
-                 lr: float | None = None, weight_decay: float = 0.01, sam_rho: float = 0.0,
+                 lr: float | None = None, weight_decay: float = 0.01, sam_rho: float | None = None,
                  lookahead_k: int | None = 0, lookahead_alpha: float = 0.5,
                  betas: tuple[float, ...] | None = None, eps: float = 1e-8,
                  update: str = "adan", beta_diff: float = 0.92, no_prox: bool = False,
                  sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None, sam_ascent: str = "gradient",
+                 state_dtype: torch.dtype | None = None, sam_ascent: str | None = None,
                  sam_warmup: int = 0, sam_interval: int = 1, sam_start: int = 1) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ShardedNeuroOptima needs an initialized process group: call "

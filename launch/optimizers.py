@@ -63,12 +63,12 @@ def add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=None,
                    help=f"weight decay (>= 0; NeuroOptima default {_DEFAULTS['weight_decay']})")
     g.add_argument("--sam-rho", type=float, default=None,
-                   help=f"SAM radius, e.g. 0.05; 0 disables SAM (NeuroOptima default "
-                        f"{_DEFAULTS['sam_rho']})")
+                   help="radius of the sharpness-aware form; 0 disables it (default: the "
+                        "form's own, 0.5 for momentum ascent, 0.05 for exact SAM)")
     g.add_argument("--sam-ascent", choices=SAM_ASCENTS, default=None,
-                   help="gradient: exact SAM, two gradients on the steps it runs; momentum: "
-                        "momentum ascent (MSAM), one gradient a step, typical rho 1-3 "
-                        "(default gradient)")
+                   help="momentum: momentum ascent (MSAM), one gradient a step; gradient: "
+                        "exact SAM, two gradients on the steps it runs (default momentum, but "
+                        "gradient when --sam-rho is given alone)")
     g.add_argument("--sam-warmup", type=_count(0), default=None, metavar="N",
                    help="momentum ascent: no ascent during the first N steps (default 0)")
     g.add_argument("--sam-interval", type=_count(1), default=None, metavar="K",

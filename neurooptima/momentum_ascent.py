@@ -228,6 +228,8 @@ def fused_stats(state: dict[Tensor, dict[str, Any]], groups: list[dict[str, Any]
     if not _kernel_can_ascend(state, groups, per_group):
         return None
     grads_all = [g for _, grads in per_group for g in grads]
+    if not grads_all:  # a step with no gradient anywhere: nothing to read
+        return None
     device = grads_all[0].device
     quick = host_reads.reads_are_free(device)
     clipping = _clipping(groups)

@@ -141,19 +141,22 @@ class NeuroOptima(Optimizer):
     r"""Adan, Lion or Lion-Adan with SAM/ASAM and Lookahead, each exactly as published.
 
     The defaults are the configuration ``benchmarks/suite.py`` found fastest to a target over
-    its four workloads (geometric mean of gradient evaluations): Adan with weight decay 0.01,
-    SAM and Lookahead off (each switched on by its argument), and the learning rate of each rule
-    never far from each workload's best: 3e-3 for Adan, 1e-3 for Lion and Lion-Adan (see
-    ``benchmarks/results/REPORT.md``).
+    its four workloads (geometric mean of gradient evaluations) among those that take one
+    gradient a step: Adan with weight decay 0.01 and momentum ascent at rho 0.5, Lookahead off,
+    and the learning rate of each rule never far from each workload's best: 3e-2 for Adan, 1e-3
+    for Lion and Lion-Adan (see ``benchmarks/results/REPORT.md``). Under momentum ascent the
+    model holds an ascent point between steps: evaluate and save between ``eval()`` and
+    ``train()``; ``sam_rho=0`` is the plain rule.
 
     Args:
         params: parameters or param groups.
-        lr: learning rate (>= 0); None: the group's rule's own default, 3e-3 for ``adan``,
+        lr: learning rate (>= 0); None: the group's rule's own default, 3e-2 for ``adan``,
             1e-3 for ``lion`` and ``lion_adan`` (sign updates take smaller steps), resolved
             per param group, so a group with its own ``update`` gets its rule's rate.
         weight_decay: decay (>= 0); Adan applies it proximally ``w / (1 + lr wd)`` unless
             ``no_prox=True`` (then ``w * (1 - lr wd)`` first); Lion rules apply it decoupled.
-        sam_rho: SAM radius (>= 0) of either form; 0 disables sharpness-awareness.
+        sam_rho: radius (>= 0) of either sharpness-aware form; 0 disables it; None: the
+            form's own, 0.5 for momentum ascent (the suite's), 0.05 for exact SAM.
         lookahead_k: sync period (integer >= 0); 0 or None disables Lookahead.
         lookahead_alpha: slow-weight step in (0, 1].
         betas: None for the rule's official defaults; for ``adan`` a 2-tuple means
@@ -167,11 +170,13 @@ class NeuroOptima(Optimizer):
         sam_eta: ASAM's ``eta`` in ``T_w = |w| + eta``.
         max_grad_norm: clip the update gradient to this global L2 norm (None: no clipping).
         maximize: maximize the objective.
-        sam_ascent: ``"gradient"`` (SAM/ASAM: two gradients on the steps it runs) or
-            ``"momentum"`` (momentum ascent, MSAM: one gradient a step; between steps the model
-            holds ``w - s m``, see ``momentum_ascent``; ``eval()``/``train()`` move it to ``w``
-            and back; typical rho 1-3).
-        sam_warmup: steps (integer >= 0) during which momentum ascent holds ``w`` (rho 0).
+        sam_ascent: ``"momentum"`` (momentum ascent, MSAM: one gradient a step; between steps
+            the model holds ``w - s m``, see ``momentum_ascent``; ``eval()``/``train()`` move it
+            to ``w`` and back) or ``"gradient"`` (SAM/ASAM: two gradients on the steps it
+            runs). None: momentum, except when ``sam_rho`` is given alone: a radius on its own
+            is SAM's, as published, so code written for SAM keeps meaning SAM.
+        sam_warmup: steps (integer >= 0) during which momentum ascent holds ``w`` (rho 0);
+            the suite sets it to the learning-rate warm-up.
         sam_interval: gradient ascent runs on every ``sam_interval``-th step (integer >= 1),
         sam_start: and from step ``sam_start`` on (integer >= 1); other steps are plain.
         foreach: multi-tensor kernels; None picks them where torch does (accelerators).
@@ -184,13 +189,13 @@ class NeuroOptima(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
                  lr: float | None = None,
-                 weight_decay: float = 0.01, sam_rho: float = 0.0, lookahead_k: int | None = 0,
+                 weight_decay: float = 0.01, sam_rho: float | None = None, lookahead_k: int | None = 0,
                  lookahead_alpha: float = 0.5, betas: tuple[float, ...] | None = None,
                  eps: float = 1e-8, *, update: str = "adan", beta_diff: float = 0.92,
                  no_prox: bool = False, sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
-                 state_dtype: torch.dtype | None = None, sam_ascent: str = "gradient",
+                 state_dtype: torch.dtype | None = None, sam_ascent: str | None = None,
                  sam_warmup: int = 0, sam_interval: int = 1, sam_start: int = 1) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho,
                         lookahead_k=lookahead_k, lookahead_alpha=lookahead_alpha, betas=betas,

@@ -13,7 +13,10 @@ from .momentum_ascent import EVALUATING, SCALE
 # Each rule's learning rate when ``lr=None``: the suite's (benchmarks/results/REPORT.md) rate
 # never far from any workload's best, found by the same robust choice for each rule (Adan 3e-3;
 # Lion 1e-3, also taken by Lion-Adan, whose sign step has the same size per element).
-DEFAULT_LR: dict[str, float] = {"adan": 3e-3, "lion": 1e-3, "lion_adan": 1e-3}
+DEFAULT_LR: dict[str, float] = {"adan": 3e-2, "lion": 1e-3, "lion_adan": 1e-3}
+# sam_rho=None: the form's own radius. Momentum ascent's is the suite's recommendation (its
+# radius is a distance in weight space, larger than SAM's); exact SAM's is the published 0.05.
+DEFAULT_SAM_RHO: dict[str, float] = {"momentum": 0.5, "gradient": 0.05}
 
 
 def _number(name: str, value: Any) -> float:
@@ -94,6 +97,22 @@ def _integer(name: str, value: Any, low: int) -> int:
     return value
 
 
+def resolve_sam_form(group: dict) -> None:
+    """Fill in ``sam_ascent`` and ``sam_rho`` left as None. Neither given: momentum ascent at
+    its radius (the defaults). A radius given without a form is SAM's, as published (exact,
+    two gradients a step), so code written for SAM keeps meaning SAM; 0 disables either."""
+    ascent, rho = group.get("sam_ascent"), group["sam_rho"]
+    if ascent not in (None, *SAM_ASCENTS):
+        raise ValueError(f"sam_ascent must be 'gradient' (two gradients a step), 'momentum' "
+                         f"(one gradient a step) or None (momentum, unless sam_rho is given "
+                         f"alone: then gradient), got {ascent!r}")
+    if ascent is None:
+        ascent = "momentum" if rho is None else "gradient"
+    if rho is None and ascent in DEFAULT_SAM_RHO:
+        rho = DEFAULT_SAM_RHO[ascent]
+    group["sam_ascent"], group["sam_rho"] = ascent, rho
+
+
 def check_sam_schedule(group: dict) -> None:
     """``sam_ascent``, ``sam_warmup``, ``sam_interval`` and ``sam_start``, defaults filled in."""
     for name, default in SAM_SCHEDULE_DEFAULTS.items():
@@ -119,6 +138,7 @@ def check_group(group: dict) -> None:
     if group["lr"] is None:
         group["lr"] = DEFAULT_LR[update]
     group["lr"] = check_lr(group["lr"])
+    resolve_sam_form(group)
     for name in ("eps", "weight_decay", "sam_rho", "sam_eta"):
         group[name] = check_non_negative(name, group[name])
     check_beta("beta_diff", group["beta_diff"])

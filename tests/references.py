@@ -135,7 +135,7 @@ class ReferenceOptimizer:
     computes the loss and calls backward.
     """
 
-    DEFAULTS = dict(lr=None, weight_decay=0.01, sam_rho=0.0, lookahead_k=0,
+    DEFAULTS = dict(lr=None, weight_decay=0.01, sam_rho=None, lookahead_k=0,
                     lookahead_alpha=0.5, betas=None, eps=1e-8, update="adan", beta_diff=0.92,
                     no_prox=False, sam_adaptive=False, sam_eta=0.01, max_grad_norm=None,
                     maximize=False)
@@ -146,7 +146,8 @@ class ReferenceOptimizer:
             full = {**self.DEFAULTS, **defaults, **group}
             full["betas"] = code_order_betas(full["update"], full["betas"], full["beta_diff"])
             if full["lr"] is None:  # each rule's own rate, as NeuroOptima documents it
-                full["lr"] = {"adan": 3e-3, "lion": 1e-3, "lion_adan": 1e-3}[full["update"]]
+                full["lr"] = {"adan": 3e-2, "lion": 1e-3, "lion_adan": 1e-3}[full["update"]]
+            self._resolve_sam(full)
             full["lookahead_k"] = full["lookahead_k"] or 0
             self.groups.append(full)
         self.state: dict[int, dict] = {}
@@ -156,6 +157,18 @@ class ReferenceOptimizer:
                 if group["lookahead_k"]:
                     st["slow"] = p.detach().clone()
         self.skipped = 0
+
+    def _resolve_sam(self, group: dict) -> None:
+        """As NeuroOptima documents sam_rho=None: the form's radius, 0.05 for exact SAM; with
+        no form given either, momentum ascent at 0.5, which only the subclass below runs."""
+        if "sam_ascent" not in self.DEFAULTS:
+            if group["sam_rho"] is None:
+                raise ValueError("ReferenceOptimizer runs exact SAM only: give sam_rho")
+            return
+        if group["sam_ascent"] is None:
+            group["sam_ascent"] = "momentum" if group["sam_rho"] is None else "gradient"
+        if group["sam_rho"] is None:
+            group["sam_rho"] = {"momentum": 0.5, "gradient": 0.05}[group["sam_ascent"]]
 
     def _with_grads(self) -> list[tuple[dict, Tensor]]:
         return [(g, p) for g in self.groups for p in g["params"] if p.grad is not None]
@@ -223,7 +236,7 @@ class ScheduledReference(ReferenceOptimizer):
     t <= ``sam_warmup``; w~' = w' - e'. The norm covers every parameter with a first moment.
     """
 
-    DEFAULTS = dict(ReferenceOptimizer.DEFAULTS, sam_ascent="gradient", sam_warmup=0,
+    DEFAULTS = dict(ReferenceOptimizer.DEFAULTS, sam_ascent=None, sam_warmup=0,
                     sam_interval=1, sam_start=1)
 
     def __init__(self, groups: list[dict], **defaults: object) -> None:

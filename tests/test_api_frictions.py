@@ -220,7 +220,8 @@ def test_unfrozen_parameter_follows_an_optimizer_that_had_it_trainable_from_the_
 
 def test_lookahead_switched_on_later_starts_from_the_current_weights():
     model = _model()
-    optimizer = NeuroOptima(model.parameters(), lookahead_k=0)
+    # sam_rho=0: the model holds w, which the slow weights are taken from.
+    optimizer = NeuroOptima(model.parameters(), lookahead_k=0, sam_rho=0)
     _one_step(optimizer, model)
     assert all("lookahead.slow" not in optimizer.state[p] for p in model.parameters())
     optimizer.param_groups[0]["lookahead_k"] = 5  # step 2 is no sync step

@@ -1,4 +1,4 @@
-"""lr=None is each param group's rule's own learning rate: Adan's 3e-3, Lion's and Lion-Adan's
+"""lr=None is each param group's rule's own learning rate: Adan's 3e-2, Lion's and Lion-Adan's
 1e-3 (the suite's rates), so a Lion user never trains at Adan's rate unasked."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from neurooptima import NeuroOptima
 
 # Written out here, not imported: the documented values (README options table, docstring).
-RULE_LR = {"adan": 3e-3, "lion": 1e-3, "lion_adan": 1e-3}
+RULE_LR = {"adan": 3e-2, "lion": 1e-3, "lion_adan": 1e-3}
 
 
 def _params(n: int = 2) -> list[torch.nn.Parameter]:
@@ -26,7 +26,7 @@ def test_a_group_with_its_own_rule_gets_its_rules_lr():
     a, b, c = _params(3)
     optimizer = NeuroOptima([dict(params=[a]), dict(params=[b], update="lion"),
                              dict(params=[c], update="lion", lr=5e-4)])
-    assert [g["lr"] for g in optimizer.param_groups] == [3e-3, 1e-3, 5e-4]
+    assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 1e-3, 5e-4]
     d = torch.nn.Parameter(torch.randn(2))
     optimizer.add_param_group(dict(params=[d], update="lion_adan"))
     assert optimizer.param_groups[-1]["lr"] == 1e-3
@@ -35,7 +35,7 @@ def test_a_group_with_its_own_rule_gets_its_rules_lr():
 def test_lion_default_step_moves_each_weight_by_its_lr():
     """The first Lion step without decay moves every weight by exactly lr (sign update)."""
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    optimizer = NeuroOptima([p], update="lion", weight_decay=0.0)
+    optimizer = NeuroOptima([p], update="lion", weight_decay=0.0, sam_rho=0)  # the rule alone
     p.grad = torch.tensor([0.5, -0.25, 2.0])
     before = p.detach().clone()
     optimizer.step()

@@ -121,7 +121,7 @@ def test_radius_is_rho_over_every_group():
 
 @pytest.mark.parametrize("kernel", KERNELS, ids=("loop", "foreach", "fused"))
 def test_zero_rho_and_never_due_are_the_base_rule_bitwise(kernel):
-    plain, *_ = _run_pair(dict(lr=1e-2), kernel, dtype=torch.float32)
+    plain, *_ = _run_pair(dict(lr=1e-2, sam_rho=0.0), kernel, dtype=torch.float32)
     base = [p.clone() for p in plain.param_groups[0]["params"]]
     for options in (dict(sam_ascent="momentum", sam_rho=0.0),
                     dict(sam_rho=0.05, sam_interval=1000),
@@ -205,7 +205,7 @@ def test_eval_train_round_trip_is_bitwise_and_eval_refuses_a_step():
     opt.train()
     assert all(torch.equal(a, p) for a, p in zip(ascent, model.parameters()))
     # Without momentum ascent both are no-ops, and a step after eval() is fine.
-    plain = NeuroOptima(model.parameters())
+    plain = NeuroOptima(model.parameters(), sam_rho=0)
     plain.eval()
     assert all(torch.equal(a, p) for a, p in zip(ascent, model.parameters()))
     for p in model.parameters():
@@ -431,3 +431,30 @@ def test_momentum_ascent_with_a_layer_frozen_midway(kernel, adaptive):
     opt.eval()
     assert _rel(params, ref.weights()) < tol
     assert _rel(params[:2], frozen_w) < tol
+
+
+@pytest.mark.parametrize("given, resolved", [
+    (dict(), ("momentum", 0.5)),                       # the defaults: momentum ascent
+    (dict(sam_rho=0.05), ("gradient", 0.05)),          # a radius alone is SAM's, as published
+    (dict(sam_rho=0), ("gradient", 0.0)),              # off: the plain rule
+    (dict(sam_ascent="gradient"), ("gradient", 0.05)),
+    (dict(sam_ascent="momentum", sam_rho=2.0), ("momentum", 2.0)),
+])
+def test_form_and_radius_left_unset_resolve_as_documented(given, resolved):
+    group = NeuroOptima([torch.nn.Parameter(torch.randn(3))], **given).param_groups[0]
+    assert (group["sam_ascent"], group["sam_rho"]) == resolved
+
+
+def test_a_group_radius_alone_under_default_momentum_ascent_is_refused_with_the_fix():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="same sam_ascent"):
+        NeuroOptima([dict(params=[a]), dict(params=[b], sam_rho=0.05)]).step()
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=("loop", "foreach", "fused"))
+def test_momentum_ascent_step_with_no_gradient_anywhere_moves_nothing(kernel):
+    p = torch.nn.Parameter(torch.randn(3))
+    before = p.detach().clone()
+    optimizer = NeuroOptima([p], sam_ascent="momentum", sam_rho=1.0, **kernel)
+    optimizer.step()
+    assert torch.equal(p, before)

@@ -12,4 +12,4 @@ def test_default_lr_is_the_rules_per_group():
     optimizer = ShardedNeuroOptima([dict(params=list(model.fc1.parameters())),
                                     dict(params=list(model.fc2.parameters()), update="lion"),
                                     dict(params=[model.gain], update="lion_adan")])
-    assert [g["lr"] for g in optimizer.param_groups] == [3e-3, 1e-3, 1e-3]
+    assert [g["lr"] for g in optimizer.param_groups] == [3e-2, 1e-3, 1e-3]
