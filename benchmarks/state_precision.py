@@ -1,5 +1,5 @@
-"""The report's optimizer-state precision section: NeuroOptima's defaults with bfloat16 rule state
-against the same defaults in float32, from the time-to-target suite's analysis
+"""The report's optimizer-state precision section: the Adan rule alone (no SAM, no Lookahead) with
+bfloat16 rule state against the same in float32, from the time-to-target suite's analysis
 (``suite_analysis.analyse``). Both rows are ordinary suite candidates (own LR search, same seeds,
 same gradient budget), so this module only reads and compares them; the bytes of state are
 measured on the optimizers the suite builds, not typed in.
