@@ -181,7 +181,7 @@ def constructor_defaults() -> dict[str, object]:
     if out.get("lr") is None:
         out["lr"] = DEFAULT_LR[params["update"].default]
     resolve_sam_form(out)  # sam_rho/sam_ascent None: the form and radius they stand for
-    return dict(sorted(out.items()))
+    return out
 
 
 def _candidates() -> dict[str, Candidate]:
@@ -212,7 +212,6 @@ def _candidates() -> dict[str, Candidate]:
                only_on=("digits-mlp", "shakespeare-char")),
     ]
     return {c.name: c for c in cands}
-
 
 
 CANDIDATES = _candidates()

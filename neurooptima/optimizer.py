@@ -189,9 +189,10 @@ class NeuroOptima(Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
                  lr: float | None = None,
-                 weight_decay: float = 0.01, sam_rho: float | None = None, lookahead_k: int | None = 0,
-                 lookahead_alpha: float = 0.5, betas: tuple[float, ...] | None = None,
-                 eps: float = 1e-8, *, update: str = "adan", beta_diff: float = 0.92,
+                 weight_decay: float = 0.01, sam_rho: float | None = None,
+                 lookahead_k: int | None = 0, lookahead_alpha: float = 0.5,
+                 betas: tuple[float, ...] | None = None, eps: float = 1e-8, *,
+                 update: str = "adan", beta_diff: float = 0.92,
                  no_prox: bool = False, sam_adaptive: bool = False, sam_eta: float = 0.01,
                  max_grad_norm: float | None = None, maximize: bool = False,
                  foreach: bool | None = None, fused: bool | None = None,
